@@ -1,0 +1,26 @@
+# One-command set-up: every target creates the virtual environment it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test smoke clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Train one smoke-profile run (the book's default scale) on the default offline corpus.
+smoke: $(STAMP)
+	$(PY) -m moe_core train --variant deep --profile smoke --seed 42
+
+clean:
+	rm -rf $(VENV) .cache runs

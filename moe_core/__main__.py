@@ -1,0 +1,145 @@
+"""Command line: `python -m moe_core {list,params,train,eval}`.
+
+Commands that produce results end their standard output with one JSON line, the stable
+interface scripts and CI read. Bad names and values are rejected before any work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError
+from .variants import HERE, check_name, profiles, resolve, variants
+
+
+@lru_cache(maxsize=None)
+def paper_reference() -> dict:
+    with open(HERE / "reference.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def cmd_list(args) -> dict:
+    from .data import CORPORA, OFFLINE_CORPORA
+
+    print("variants:")
+    for name, spec in variants().items():
+        print(f"  {name:16s} {spec.get('description', '')}")
+    print("profiles:")
+    for name, spec in profiles().items():
+        print(f"  {name:16s} {' '.join(spec.get('description', '').split()[:14])} ...")
+    print("corpora:")
+    for name in CORPORA:
+        print(f"  {name:16s} {'offline (bundled)' if name in OFFLINE_CORPORA else 'Hugging Face hub via datasets'}")
+    return {"variants": list(variants()), "profiles": list(profiles()), "corpora": list(CORPORA)}
+
+
+def cmd_params(args) -> dict:
+    from .params import count_parameters
+
+    cfg = resolve(args.variant, args.profile)
+    counts = count_parameters(cfg.model)
+    result = {"variant": args.variant, "profile": args.profile, **counts}
+    paper = paper_reference()["equifinality_table3"].get(args.variant, {})
+    if args.profile == "paper" and paper:
+        result["paper_routing"] = paper.get("routing_params")
+        result["paper_total"] = paper.get("total_params")
+    return result
+
+
+def run_overrides(args) -> dict:
+    overrides: dict = {"train": {}, "data": {}}
+    if args.steps is not None:
+        overrides["train"]["steps"] = args.steps
+    if args.device is not None:
+        overrides["train"]["device"] = args.device
+    if args.corpus is not None:
+        from .data import CORPORA
+
+        check_name("corpus", args.corpus, CORPORA)
+        overrides["data"]["corpus"] = args.corpus
+    return overrides
+
+
+def cmd_train(args) -> dict:
+    from .train import train
+
+    cfg = resolve(args.variant, args.profile, args.seed, run_overrides(args))
+    return train(cfg, run_root=args.run_root, cache_dir=args.cache_dir, progress=not args.no_progress)
+
+
+def cmd_eval(args) -> dict:
+    from .data import prepare_data, val_batches
+    from .evaluate import evaluate, load_model
+    from .train import default_cache_dir
+    from .trajectory import Interventions
+
+    run = Path(args.run_dir)
+    if args.halt_eps < 0:
+        raise ConfigError("--halt-eps", args.halt_eps, "must be >= 0")
+    if not (run / "final.safetensors").exists():
+        raise SystemExit(f"error: {run} holds no finished run (no final.safetensors)")
+    model, cfg = load_model(run, args.device)
+    t = cfg.train
+    data = prepare_data(cfg.data.corpus, cfg.data.vocab_size, args.cache_dir or default_cache_dir())
+    batches = val_batches(data.validation, t.seq_len, t.eval_batch_size, t.eval_batches)
+    iv = Interventions(halt_eps=args.halt_eps, freeze_routing=args.freeze_routing, zero_moe=args.zero_moe)
+    result = evaluate(model, batches, next(model.parameters()).device, t.precision, iv)
+    result.pop("batch_losses")
+    return {"run_dir": str(run), "variant": cfg.variant, "seed": cfg.seed, **vars(iv), **result}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m moe_core", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="print the variants, profiles and corpora")
+    for name, help_ in (("params", "parameter counts of a variant at a profile"),
+                        ("train", "train a run, or return the stored results of a finished one")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--variant", required=True)
+        s.add_argument("--profile", required=True)
+    train = sub.choices["train"]
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--steps", type=int, help="override the profile's number of steps")
+    train.add_argument("--corpus", help="override the profile's corpus")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--run-root", type=Path, help="where run directories live (default ./runs)")
+    train.add_argument("--cache-dir", type=Path, help="tokenizer/token cache (default ./.cache/moe_core)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev = sub.add_parser("eval", help="re-evaluate a finished run on its validation batches")
+    ev.add_argument("run_dir")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--cache-dir", type=Path)
+    ev.add_argument("--halt-eps", type=float, default=0.0, help="relative-norm halting threshold")
+    ev.add_argument("--freeze-routing", action="store_true", help="reuse the hop-0 routing at every hop")
+    ev.add_argument("--zero-moe", action="store_true", help="set every MoE output to zero")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command in ("params", "train"):
+        try:
+            check_name("variant", args.variant, variants())
+            check_name("profile", args.profile, profiles())
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    from .data import CorpusUnavailable
+
+    commands = {"list": cmd_list, "params": cmd_params, "train": cmd_train, "eval": cmd_eval}
+    try:
+        result = commands[args.command](args)
+    except (ConfigError, CorpusUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Evaluation: per-batch validation losses, perplexity, routing telemetry, loading stored runs."""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import RunConfig
+from .model import MoETransformer
+from .trajectory import Interventions
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA ('auto' or 'bf16'); plain fp32 elsewhere (bf16 is very slow on CPUs)."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, batches, device: torch.device, precision: str = "auto",
+             iv: Interventions | None = None) -> dict:
+    """Mean cross-entropy of each batch, their mean, perplexity, and mean hops executed."""
+    was_training = model.training
+    model.eval()
+    losses, hops = [], []
+    for x, y in batches:
+        with autocast_for(device, precision):
+            out = model(x.to(device), y.to(device), iv)
+        losses.append(out.loss.item())
+        if out.hops is not None:
+            hops.append(out.hops.float().mean(dim=(1, 2)))  # per layer
+    model.train(was_training)
+    loss = sum(losses) / len(losses)
+    result = {"val_loss": loss, "val_ppl": math.exp(loss), "batch_losses": losses}
+    if hops:
+        per_layer = torch.stack(hops).mean(dim=0)
+        result["hops_per_layer"] = per_layer.tolist()
+        result["mean_hops"] = per_layer.mean().item()
+    return result
+
+
+@torch.no_grad()
+def routing_telemetry(model: MoETransformer, tokens: torch.Tensor, device: torch.device,
+                      precision: str = "auto") -> dict[str, torch.Tensor]:
+    """Selected expert ids for every (layer, hop) on a fixed batch of sequences [S, T]."""
+    was_training = model.training
+    model.eval()
+    with autocast_for(device, precision):
+        out = model(tokens.to(device))
+    model.train(was_training)
+    record = {"tokens": tokens.cpu()}
+    for event in out.events:
+        record[f"ids.layer{event.layer}.hop{event.hop}"] = event.routing.idx.to(torch.int32).cpu()
+        record[f"weights.layer{event.layer}.hop{event.hop}"] = event.routing.weights.float().cpu()
+    return record
+
+
+def load_model(run: str | Path, device: str = "cpu") -> tuple[MoETransformer, RunConfig]:
+    """The final model of a finished run, in eval mode."""
+    from .store import load_config
+
+    run = Path(run)
+    cfg = load_config(run)
+    model = MoETransformer(cfg.model)
+    model.load_state_dict(load_file(run / "final.safetensors"))
+    return model.to(resolve_device(device)).eval(), cfg

@@ -1,0 +1,145 @@
+"""The decoder-only transformer: pre-LN blocks, RoPE attention via SDPA, tied embeddings.
+
+    x = dropout(embed(tokens))
+    for each block:  x = x + dropout(Attn(LN(x)));  x = x + dropout(FFN(LN(x)))
+    logits = LN_f(x) @ embed.T
+
+FFN is a dense SiLU MLP or an MoE layer (trajectory.MoELayer). The model owns the routers and
+hands each MoE layer its router, so block-shared routers are literally one module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .routing import build_routers
+from .trajectory import HopEvent, Interventions, MoELayer
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of channels of x [B, H, T, hd] by position-dependent angles."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.attn_bias)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.attn_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class DenseFFN(nn.Module):
+    """SiLU MLP without biases: d_ff always-active rank-1 neurons (the paper's dense baselines)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.down = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.up(F.silu(self.down(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ffn = MoELayer(cfg, layer) if cfg.ffn == "moe" else DenseFFN(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None  # mean token cross-entropy when targets were given
+    events: list[HopEvent] = field(default_factory=list)  # one per (layer, hop)
+    hops: torch.Tensor | None = None  # [L, B, T] hops executed per token and layer (MoE only)
+    attn_norms: list[torch.Tensor] = field(default_factory=list)  # per layer, traced runs only
+    moe_norms: list[torch.Tensor] = field(default_factory=list)
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        if cfg.ffn == "moe":
+            self.routers, self.router_of_layer = build_routers(cfg)
+        else:
+            self.routers, self.router_of_layer = nn.ModuleList(), []
+        n_alpha = cfg.n_layers if cfg.magnitude_scope == "layer" else 1
+        self.alpha = nn.Parameter(torch.full((n_alpha,), cfg.magnitude_alpha)) if cfg.magnitude_alpha else None
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        """normal(0.02) for embeddings and linears, GPT-2 residual scaling on output projections."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for block in self.blocks:
+            for linear in (block.attn.qkv, block.attn.out):
+                nn.init.normal_(linear.weight, std=0.02)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+            nn.init.normal_(block.attn.out.weight, std=residual_std)
+            if isinstance(block.ffn, DenseFFN):
+                nn.init.normal_(block.ffn.down.weight, std=0.02)
+                nn.init.normal_(block.ffn.up.weight, std=residual_std)
+
+    def router_for_layer(self, layer: int) -> nn.Module:
+        return self.routers[self.router_of_layer[layer]]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                iv: Interventions | None = None) -> ModelOutput:
+        iv = iv or Interventions()
+        x = self.drop(self.embed(tokens))
+        out = ModelOutput(logits=None, loss=None)
+        hops = []
+        for layer, block in enumerate(self.blocks):
+            attn = block.attn(block.ln1(x), self.rope_cos, self.rope_sin)
+            x = x + block.drop(attn)
+            h = block.ln2(x)
+            if isinstance(block.ffn, MoELayer):
+                alpha = None if self.alpha is None else self.alpha[min(layer, len(self.alpha) - 1)]
+                ffn, events, done = block.ffn(h, self.router_for_layer(layer), tokens, alpha, iv)
+                out.events += events
+                hops.append(done)
+            else:
+                ffn = block.ffn(h)
+            if iv.trace:
+                out.attn_norms.append(attn.detach().float().norm(dim=-1))
+                out.moe_norms.append(ffn.detach().float().norm(dim=-1))
+            x = x + block.drop(ffn)
+        out.logits = self.ln_f(x) @ self.embed.weight.T
+        if targets is not None:
+            out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+        out.hops = torch.stack(hops) if hops else None
+        return out

@@ -1,0 +1,201 @@
+"""Routers: they map token states to (expert ids, weights) and know nothing of experts.
+
+Every router answers `decide(h, layer, hop, keys) -> Routing`. Score-based routers produce
+logits; `select_top_k` turns them into a softmax over all M experts (fp32) and keeps the top-k,
+renormalised. The model owns the routers, so sharing one across a block of layers (PathMoE) or
+factorising one across layers (LowRank-MoE) is a matter of which router a layer is handed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+@dataclass
+class Routing:
+    """One routing decision for N tokens."""
+
+    idx: torch.Tensor  # [N, k] int64 expert ids, distinct per token
+    weights: torch.Tensor  # [N, k] fp32 combination weights
+    probs: torch.Tensor | None  # [N, M] fp32 softmax over all experts (None: no probabilities)
+    logits: torch.Tensor | None  # [N, M] fp32 scores before the softmax
+
+
+def select_top_k(logits: torch.Tensor, k: int, renormalize: bool = True) -> Routing:
+    """Softmax over all experts in fp32, keep the k most probable, optionally renormalise."""
+    logits = logits.float()
+    probs = logits.softmax(dim=-1)
+    weights, idx = probs.topk(k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(idx=idx, weights=weights, probs=probs, logits=logits)
+
+
+class ScoreRouter(nn.Module):
+    """A router that scores every expert; subclasses implement `logits`."""
+
+    def __init__(self, top_k: int, renormalize: bool):
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+
+    def logits(self, h: torch.Tensor, layer: int, hop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decide(self, h: torch.Tensor, layer: int, hop: int, keys: torch.Tensor | None = None) -> Routing:
+        with torch.autocast(h.device.type, enabled=False):  # router math stays in fp32 under bf16
+            return select_top_k(self.logits(h.float(), layer, hop), self.top_k, self.renormalize)
+
+
+class CosineRouter(ScoreRouter):
+    """ST-MoE geometric router: s_i = tau * <normalize(proj_in h), normalize(c_i)> in a d_space space.
+
+    `n_proj` > 1 gives one projection per hop (decoupled routing). Centroids are re-normalised at
+    every use. With `kinematic` the paper's navigation vectors (one d_space vector per expert) are
+    allocated so parameter counts match the paper's 1.57M; semantic re-routing never reads them.
+    """
+
+    def __init__(self, d_model: int, d_space: int, n_experts: int, top_k: int, tau: float,
+                 learn_tau: bool = False, n_proj: int = 1, frozen: bool = False,
+                 kinematic: bool = False, renormalize: bool = True):
+        super().__init__(top_k, renormalize)
+        self.proj_in = nn.Parameter(torch.empty(n_proj, d_space, d_model))
+        self.centroids = nn.Parameter(torch.empty(n_experts, d_space))
+        self.kinematic = nn.Parameter(torch.zeros(n_experts, d_space)) if kinematic else None
+        log_tau = torch.tensor(math.log(tau))
+        if learn_tau:
+            self.log_tau = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_tau", log_tau)
+        nn.init.normal_(self.proj_in, std=0.02)
+        nn.init.normal_(self.centroids)
+        if frozen:
+            self.proj_in.requires_grad_(False)
+            self.centroids.requires_grad_(False)
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.log_tau.exp()
+
+    def position(self, h: torch.Tensor, hop: int) -> torch.Tensor:
+        """The token's unit-norm position in routing space (hop selects the projection)."""
+        proj = self.proj_in[min(hop, self.proj_in.shape[0] - 1)]
+        return F.normalize(h @ proj.float().T, dim=-1)
+
+    def logits(self, h, layer, hop):
+        centroids = F.normalize(self.centroids.float(), dim=-1)
+        return self.tau * self.position(h, hop) @ centroids.T
+
+
+class LinearRouter(ScoreRouter):
+    """The standard gate: logits = W h, no bias (Switch/Mixtral; PathMoE's Indep-MoE)."""
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, frozen: bool = False, renormalize: bool = True):
+        super().__init__(top_k, renormalize)
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+        self.weight.requires_grad_(not frozen)
+
+    def logits(self, h, layer, hop):
+        return h @ self.weight.float().T
+
+
+class LowRankRouter(ScoreRouter):
+    """LowRank-MoE: one router for all layers, W_l = W_base + A_l B_l.
+
+    A_l starts at zero (LoRA-style), so training starts from a fully shared router.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, n_layers: int, rank: int, renormalize: bool = True):
+        super().__init__(top_k, renormalize)
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        self.lora_a = nn.Parameter(torch.zeros(n_layers, n_experts, rank))
+        self.lora_b = nn.Parameter(torch.empty(n_layers, rank, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+        nn.init.normal_(self.lora_b, std=0.02)
+
+    def logits(self, h, layer, hop):
+        return h @ self.weight.float().T + (h @ self.lora_b[layer].float().T) @ self.lora_a[layer].float().T
+
+
+_HASH_P = 2_147_483_647  # the Mersenne prime 2^31 - 1: products of two residues fit in int64
+
+
+def hash_scores(keys: torch.Tensor, n_experts: int, salt: int) -> torch.Tensor:
+    """A fixed pseudo-random integer score for every (key, expert) pair, [N, M] int64.
+
+    Ranking experts by this score gives each key its own pseudo-random permutation of the
+    experts, so top-k always yields k distinct experts. Two rounds of squaring modulo a prime
+    make the ranking non-linear in the expert index.
+    """
+    key = keys.long().reshape(-1, 1) % _HASH_P
+    expert = torch.arange(n_experts, device=keys.device).reshape(1, -1)
+    x = (key * 1_103_515_245 + salt) % _HASH_P
+    x = (x + expert * 2_654_435_761 % _HASH_P) % _HASH_P
+    x = (x * x + 12_345) % _HASH_P
+    x = (x * 1_597_334_677 % _HASH_P + key) % _HASH_P
+    return (x * x) % _HASH_P
+
+
+class HashRouter(nn.Module):
+    """Parameter-free hash routing: each token id (or position) gets k fixed experts, weight 1/k.
+
+    The hash mixes in the layer and hop, so layers and hops use different assignments.
+    """
+
+    def __init__(self, n_experts: int, top_k: int):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+
+    def decide(self, h: torch.Tensor, layer: int, hop: int, keys: torch.Tensor | None = None) -> Routing:
+        if keys is None:
+            raise ValueError("the hash router needs the token ids (or positions) of the tokens it routes")
+        idx = hash_scores(keys, self.n_experts, salt=1 + 1009 * layer + 17 * hop).topk(self.top_k, dim=-1).indices
+        weights = torch.full(idx.shape, 1.0 / self.top_k, device=idx.device)
+        return Routing(idx=idx, weights=weights, probs=None, logits=None)
+
+
+def build_routers(cfg: ModelConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The model's routers and, for every layer, the index of the router it uses."""
+    L, B = cfg.n_layers, cfg.router_block
+    hops = cfg.hops_per_layer()
+    if cfg.router == "hash":
+        return nn.ModuleList([HashRouter(cfg.n_experts, cfg.top_k)]), [0] * L
+    if cfg.router_lowrank:
+        router = LowRankRouter(cfg.d_model, cfg.n_experts, cfg.top_k, L, cfg.router_lowrank, cfg.renormalize)
+        return nn.ModuleList([router]), [0] * L
+    routers = []
+    for block in range(L // B):
+        if cfg.router == "cosine":
+            n_proj = max(hops[block * B:(block + 1) * B]) if cfg.router_per_hop else 1
+            routers.append(CosineRouter(cfg.d_model, cfg.d_space, cfg.n_experts, cfg.top_k, cfg.tau,
+                                        cfg.learn_tau, n_proj, cfg.router_frozen, cfg.kinematic_vectors,
+                                        cfg.renormalize))
+        else:
+            routers.append(LinearRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.router_frozen, cfg.renormalize))
+    return nn.ModuleList(routers), [layer // B for layer in range(L)]
+
+
+def switch_balance_loss(routings: list[Routing], n_experts: int, per: str = "tokens_k") -> torch.Tensor:
+    """Switch-Transformer balance loss M * sum_i f_i P_i for one routing event.
+
+    Several routings (e.g. all hops of a layer) are pooled into one event. f_i is the share of
+    selections that went to expert i, divided by tokens*k (`per="tokens_k"`, sums to 1) or by
+    tokens (`per="tokens"`, sums to k); P_i is the mean router probability of expert i.
+    """
+    idx = torch.cat([r.idx.reshape(-1) for r in routings])
+    counts = torch.bincount(idx, minlength=n_experts).float()
+    n_tokens = sum(r.idx.shape[0] for r in routings)
+    f = counts / (idx.numel() if per == "tokens_k" else n_tokens)
+    p = torch.cat([r.probs for r in routings]).mean(dim=0)
+    return n_experts * (f * p).sum()
+
+
+def router_z_loss(routing: Routing) -> torch.Tensor:
+    """ST-MoE (Zoph et al.) z-loss: mean squared log-partition of the router logits."""
+    return routing.logits.logsumexp(dim=-1).square().mean()

@@ -1,0 +1,93 @@
+"""The multi-hop ST-MoE layer (the paper's Algorithm 1), composed of a router and an expert bank.
+
+    h_accum = 0
+    for hop in 1..H:
+        (idx, w) = route(x + h_accum)          # semantic re-route: the same router, updated state
+        dh = experts(x + h_accum, idx, w)      # one expert pool shared across hops
+        h_accum += dh
+    return alpha * h_accum                     # residual="accum" (default), or x + alpha*h_accum
+
+With H = 1 this is an ordinary top-k MoE layer, which is how the PathMoE settings use it.
+Inference-only interventions: relative-norm halting (a token stops once
+||dh|| / (||x + h_accum|| + 1e-6) < eps; the hop that triggers it counts as executed) and
+frozen routing (every hop reuses the hop-0 decision).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .experts import build_experts
+from .routing import Routing
+
+
+@dataclass
+class HopEvent:
+    """What one hop of one layer did: its routing and, when traced, its update dh [N, d]."""
+
+    layer: int
+    hop: int
+    routing: Routing
+    update: torch.Tensor | None = None
+
+
+@dataclass
+class Interventions:
+    """Inference-time changes to the trajectory; the defaults change nothing."""
+
+    halt_eps: float = 0.0  # relative-norm halting threshold (0 = never halt)
+    freeze_routing: bool = False  # reuse the hop-0 routing at every hop
+    zero_moe: bool = False  # the MoE layer outputs zero (expert-contribution test)
+    trace: bool = False  # keep every hop's update dh in the events
+
+
+class MoELayer(nn.Module):
+    """H hops over one expert pool; the router is handed in by the model (it may be shared)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.hops = cfg.hops_per_layer()[layer]
+        self.residual = cfg.residual
+        self.key = cfg.hash_key
+        self.experts = build_experts(cfg)
+
+    def forward(self, x: torch.Tensor, router: nn.Module, token_ids: torch.Tensor,
+                alpha: torch.Tensor | None, iv: Interventions) -> tuple[torch.Tensor, list[HopEvent], torch.Tensor]:
+        """x: [B, T, d] (the LayerNorm'd residual). Returns (output, events, hops executed [B, T])."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        keys = self._keys(token_ids, shape)
+        h_accum = torch.zeros_like(x)
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        hops_done = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        events: list[HopEvent] = []
+        for hop in range(self.hops):
+            if hop > 0 and iv.freeze_routing:
+                routing = events[0].routing
+            else:
+                routing = router.decide(x + h_accum, self.layer, hop, keys)
+            dh = self.experts(x + h_accum, routing.idx, routing.weights)
+            if iv.halt_eps > 0:
+                dh = dh * active.unsqueeze(-1).to(dh.dtype)
+            h_accum = h_accum + dh
+            hops_done += active
+            events.append(HopEvent(self.layer, hop, routing, dh if iv.trace else None))
+            if iv.halt_eps > 0:
+                rel = dh.float().norm(dim=-1) / ((x + h_accum).float().norm(dim=-1) + 1e-6)
+                active = active & ~(rel < iv.halt_eps)
+        out = h_accum if alpha is None else alpha.to(h_accum.dtype) * h_accum
+        if iv.zero_moe:
+            out = torch.zeros_like(out)
+        if self.residual == "literal":
+            out = x + out
+        return out.reshape(shape), events, hops_done.reshape(shape[:-1])
+
+    def _keys(self, token_ids: torch.Tensor, shape) -> torch.Tensor:
+        """What the hash router hashes: token ids or positions in the sequence."""
+        if self.key == "position":
+            return torch.arange(shape[1], device=token_ids.device).expand(shape[0], -1).reshape(-1)
+        return token_ids.reshape(-1)
