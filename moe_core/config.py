@@ -209,12 +209,12 @@ def validate(cfg: RunConfig) -> RunConfig:
                 value = getattr(obj, name)
                 _require(value in choices, f"{section}.{name}", value, f"choose one of {', '.join(choices)}")
     positive = {
-        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
+        "data.vocab_size": d.vocab_size, "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
         "model.n_layers": m.n_layers, "model.max_seq_len": m.max_seq_len,
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
         "train.accum_steps": t.accum_steps, "train.eval_every": t.eval_every,
         "train.eval_batches": t.eval_batches, "train.eval_batch_size": t.eval_batch_size,
-        "train.checkpoint_every": t.checkpoint_every, "data.vocab_size": d.vocab_size,
+        "train.checkpoint_every": t.checkpoint_every,
     }
     for key, value in positive.items():
         _require(value >= 1, key, value, "must be >= 1")

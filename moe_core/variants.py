@@ -35,7 +35,8 @@ def profiles() -> dict[str, dict]:
 
 def check_name(kind: str, name: str, choices) -> None:
     if name not in choices:
-        raise ConfigError(kind, name, f"unknown {kind}; valid {kind}s: {', '.join(choices)}")
+        plural = "corpora" if kind == "corpus" else f"{kind}s"
+        raise ConfigError(kind, name, f"unknown {kind}; valid {plural}: {', '.join(choices)}")
 
 
 def _symbol(value, scale: dict, key: str):

@@ -1,0 +1,104 @@
+"""Configuration: variants and profiles resolve, bad values are rejected with clear errors."""
+import dataclasses
+
+import pytest
+
+from moe_core.config import ConfigError, RunConfig, config_hash, validate
+from moe_core.variants import profiles, resample_hops, resolve, variants
+
+TABLE3 = ["wide", "deep", "magnitude", "asymmetric", "decoupled", "hash", "random_fixed", "top1", "linear",
+          "cosine_iso341", "rank2", "dense_iso_flop", "dense_iso_param", "rank16_wide", "rank16_deep"]
+PATHMOE = ["indep", "indep_nolbl", "path_b2", "path_b4", "path_bL", "lowrank"]
+
+
+def test_every_named_variant_resolves_at_every_profile():
+    assert set(TABLE3 + PATHMOE) <= set(variants())
+    assert {"tiny", "smoke", "paper"} <= set(profiles())
+    for variant in variants():
+        for profile in profiles():
+            cfg = resolve(variant, profile)
+            assert cfg.variant == variant and cfg.profile == profile
+
+
+def test_paper_profile_is_table_12():
+    cfg = resolve("wide", "paper")
+    m, t = cfg.model, cfg.train
+    assert (m.d_model, m.n_heads, m.n_layers, m.n_experts, m.d_space, m.tau, m.top_k) == (1024, 16, 8, 1024, 64, 30, 12)
+    assert (t.batch_size, t.seq_len, t.accum_steps, t.steps, t.tokens_per_step) == (8, 512, 8, 50_000, 32_768)
+    assert (t.lr, t.warmup_steps, t.min_lr_ratio, t.weight_decay, t.grad_clip) == (3e-4, 1000, 0.1, 0.01, 1.0)
+    assert (t.beta1, t.beta2, t.eps, m.dropout, t.balance_coef) == (0.9, 0.95, 1e-8, 0.1, 0.05)
+
+
+def test_smoke_keeps_the_paper_ratios():
+    paper, smoke = resolve("wide", "paper").model, resolve("wide", "smoke").model
+    assert smoke.d_space / smoke.d_model == paper.d_space / paper.d_model
+    assert smoke.n_experts / smoke.d_model == paper.n_experts / paper.d_model
+    for variant in ["wide", "deep", "decoupled", "magnitude"]:
+        assert resolve(variant, "smoke").model.active_neurons == resolve(variant, "paper").model.active_neurons == 12
+    assert resolve("deep", "smoke").model.hops == (3,) and resolve("deep", "smoke").model.top_k == 4
+
+
+def test_asymmetric_hops_resample_to_other_depths():
+    pattern = [2, 1, 2, 1, 1, 4, 4, 2]
+    assert resample_hops(pattern, 8) == pattern
+    assert resample_hops(pattern, 4) == [2, 2, 3, 3]
+    assert resample_hops(pattern, 16) == [h for h in pattern for _ in range(2)]
+    assert resolve("asymmetric", "paper").model.hops == tuple(pattern)
+
+
+def test_config_hash_ignores_labels_and_sees_values():
+    a = resolve("wide", "tiny")
+    assert config_hash(a) == config_hash(dataclasses.replace(a, variant="x", profile="y"))
+    assert config_hash(a) != config_hash(resolve("wide", "tiny", seed=7))
+    assert config_hash(a) != config_hash(resolve("deep", "tiny"))
+    assert RunConfig.from_dict(a.to_dict()) == a
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"train": {"steps": -5}}, "train.steps"),
+    ({"train": {"steps": 2.5}}, "train.steps"),
+    ({"train": {"stepz": 10}}, "train.stepz"),
+    ({"model": {"top_k": 999}}, "model.top_k"),
+    ({"model": {"d_space": 10_000}}, "model.d_space"),
+    ({"model": {"hops": [0]}}, "model.hops"),
+    ({"model": {"hops": [1, 2, 3]}}, "model.hops"),
+    ({"model": {"router": "sigmoid"}}, "model.router"),
+    ({"model": {"router_block": 3}}, "model.router_block"),
+    ({"model": {"dropout": 1.5}}, "model.dropout"),
+    ({"model": {"learn_tau": "yes"}}, "model.learn_tau"),
+    ({"train": {"lr": 0}}, "train.lr"),
+    ({"train": {"balance_tokens": "experts"}}, "train.balance_tokens"),
+    ({"data": {"vocab_size": 0}}, "data.vocab_size"),
+])
+def test_bad_values_are_rejected_with_the_key_and_the_rule(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        resolve("wide", "tiny", overrides=overrides)
+    assert err.value.key == key
+    assert key in str(err.value)
+
+
+def test_bad_names_list_the_valid_choices():
+    with pytest.raises(ConfigError, match="valid variants: .*wide.*deep"):
+        resolve("wider", "tiny")
+    with pytest.raises(ConfigError, match="valid profiles: .*smoke"):
+        resolve("wide", "huge")
+    with pytest.raises(ConfigError, match="choose one of cosine, linear, hash"):
+        resolve("wide", "tiny", overrides={"model": {"router": "sigmoid"}})
+
+
+def test_non_integer_seed_is_rejected():
+    cfg = resolve("wide", "tiny")
+    for seed in (-1, 1.5, "42", True):
+        with pytest.raises(ConfigError, match="seed"):
+            validate(dataclasses.replace(cfg, seed=seed))
+
+
+def test_router_options_are_checked_against_the_router():
+    with pytest.raises(ConfigError, match="only the cosine router"):
+        resolve("linear", "tiny", overrides={"model": {"router_per_hop": True}})
+    with pytest.raises(ConfigError, match="hash router has no parameters"):
+        resolve("hash", "tiny", overrides={"model": {"router_frozen": True}})
+    with pytest.raises(ConfigError, match="LowRank-MoE needs router=linear"):
+        resolve("wide", "tiny", overrides={"model": {"router_lowrank": 2}})
+    with pytest.raises(ConfigError, match="rank experts take"):
+        resolve("wide", "tiny", overrides={"model": {"expert_backend": "sorted"}})

@@ -1,0 +1,146 @@
+"""Routers: output contracts, parameter sharing and freezing, the balance loss."""
+import pytest
+import torch
+
+from moe_core.model import MoETransformer
+from moe_core.routing import (CosineRouter, HashRouter, LinearRouter, LowRankRouter, Routing, hash_scores,
+                              select_top_k, switch_balance_loss)
+from moe_core.variants import resolve
+
+D, M, K, N = 32, 24, 5, 64
+
+
+def routers():
+    torch.manual_seed(0)
+    return {
+        "cosine": CosineRouter(D, 8, M, K, tau=30.0),
+        "cosine_learned_tau": CosineRouter(D, 8, M, K, tau=10.0, learn_tau=True),
+        "decoupled": CosineRouter(D, 8, M, K, tau=30.0, n_proj=3),
+        "linear": LinearRouter(D, M, K),
+        "lowrank": LowRankRouter(D, M, K, n_layers=4, rank=2),
+        "hash": HashRouter(M, K),
+    }
+
+
+@pytest.mark.parametrize("name", list(routers()))
+def test_router_contract(name):
+    router = routers()[name]
+    h = torch.randn(N, D)
+    keys = torch.randint(0, 1000, (N,))
+    for hop in range(3):
+        r = router.decide(h, layer=1, hop=hop, keys=keys)
+        assert r.idx.shape == (N, K) and r.weights.shape == (N, K)
+        assert r.idx.dtype == torch.int64 and r.weights.dtype == torch.float32
+        assert ((r.idx >= 0) & (r.idx < M)).all()
+        assert all(len(set(row.tolist())) == K for row in r.idx), "experts must be distinct per token"
+        torch.testing.assert_close(r.weights.sum(-1), torch.ones(N))
+        assert (r.weights > 0).all()
+        if r.probs is not None:
+            torch.testing.assert_close(r.probs.sum(-1), torch.ones(N))
+            # the kept weights are the top-k probabilities, renormalised
+            kept = r.probs.gather(1, r.idx)
+            torch.testing.assert_close(r.weights, kept / kept.sum(-1, keepdim=True))
+            assert (kept.min(-1).values >= r.probs.topk(K, -1).values[:, -1] - 1e-7).all()
+
+
+def test_cosine_scores_bounded_by_tau():
+    router = CosineRouter(D, 8, M, K, tau=30.0)
+    logits = router.logits(torch.randn(N, D) * 50, layer=0, hop=0)
+    assert logits.abs().max() <= 30.0 + 1e-4
+    # scale invariance: cosine routing ignores the norm of the token state
+    h = torch.randn(N, D)
+    torch.testing.assert_close(router.logits(h, 0, 0), router.logits(3 * h, 0, 0))
+
+
+def test_decoupled_router_uses_a_projection_per_hop():
+    router = CosineRouter(D, 8, M, K, tau=30.0, n_proj=3)
+    h = torch.randn(N, D)
+    assert not torch.allclose(router.logits(h, 0, 0), router.logits(h, 0, 1))
+    shared = CosineRouter(D, 8, M, K, tau=30.0)
+    torch.testing.assert_close(shared.logits(h, 0, 0), shared.logits(h, 0, 2))
+
+
+def test_select_top_k_without_renormalisation():
+    logits = torch.randn(N, M)
+    r = select_top_k(logits, K, renormalize=False)
+    torch.testing.assert_close(r.weights, logits.softmax(-1).topk(K, -1).values)
+
+
+def test_hash_router_is_deterministic_and_parameter_free():
+    router = HashRouter(M, K)
+    assert sum(p.numel() for p in router.parameters()) == 0
+    keys = torch.arange(500)
+    a = router.decide(torch.randn(500, D), 0, 0, keys)
+    b = HashRouter(M, K).decide(torch.randn(500, D), 0, 0, keys)  # different states, fresh router
+    assert torch.equal(a.idx, b.idx)
+    assert torch.equal(a.weights, torch.full((500, K), 1 / K))
+    # layers and hops hash differently, and the load is roughly uniform
+    assert not torch.equal(a.idx, router.decide(torch.randn(500, D), 1, 0, keys).idx)
+    assert not torch.equal(a.idx, router.decide(torch.randn(500, D), 0, 1, keys).idx)
+    load = torch.bincount(a.idx.flatten(), minlength=M).float()
+    assert load.min() > 0.5 * load.mean() and load.max() < 1.5 * load.mean()
+    with pytest.raises(ValueError, match="token ids"):
+        router.decide(torch.randn(3, D), 0, 0, None)
+
+
+def test_hash_scores_stay_in_range():
+    scores = hash_scores(torch.tensor([0, 1, 2**31 - 2, 10**9]), 7, salt=3)
+    assert scores.dtype == torch.int64 and (scores >= 0).all() and (scores < 2**31).all()
+
+
+def test_random_fixed_router_has_no_trainable_parameters():
+    model = MoETransformer(resolve("random_fixed", "tiny").model)
+    router_params = list(model.routers.parameters())
+    assert router_params and not any(p.requires_grad for p in router_params)
+    model_rand = MoETransformer(resolve("rand", "tiny").model)
+    assert not any(p.requires_grad for p in model_rand.routers.parameters())
+
+
+@pytest.mark.parametrize("variant,block", [("path_b2", 2), ("path_b4", 4), ("path_bL", 4), ("indep", 1)])
+def test_block_shared_routers_are_one_object(variant, block):
+    cfg = resolve(variant, "tiny").model
+    model = MoETransformer(cfg)
+    assert len(model.routers) == cfg.n_layers // block
+    for layer in range(cfg.n_layers):
+        first = (layer // block) * block
+        assert model.router_for_layer(layer) is model.router_for_layer(first)
+        assert model.router_for_layer(layer).weight is model.router_for_layer(first).weight
+    if block < cfg.n_layers:
+        assert model.router_for_layer(0) is not model.router_for_layer(block)
+
+
+def test_shared_router_gets_gradient_from_every_layer_of_its_block():
+    model = MoETransformer(resolve("path_bL", "tiny").model)
+    tokens = torch.randint(0, 512, (2, 16))
+    grads = []
+    for keep in range(model.cfg.n_layers):  # backprop through one layer's routing at a time
+        model.zero_grad()
+        out = model(tokens)
+        events = [e for e in out.events if e.layer == keep]
+        sum((e.routing.probs ** 2).sum() for e in events).backward()
+        grads.append(model.routers[0].weight.grad.clone())
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_lowrank_router_starts_as_the_shared_base():
+    router = LowRankRouter(D, M, K, n_layers=4, rank=2)
+    h = torch.randn(N, D)
+    torch.testing.assert_close(router.logits(h, 0, 0), router.logits(h, 3, 0))
+    with torch.no_grad():
+        router.lora_a.normal_()
+    assert not torch.allclose(router.logits(h, 0, 0), router.logits(h, 3, 0))
+
+
+def test_switch_balance_loss_is_one_when_balanced():
+    # every expert chosen equally often with uniform probabilities -> M * sum(1/M * 1/M) = 1
+    idx = torch.arange(M).reshape(-1, 1).repeat(1, 2)[:, :1]
+    probs = torch.full((M, M), 1 / M)
+    r = Routing(idx=idx, weights=torch.ones(M, 1), probs=probs, logits=probs.log())
+    torch.testing.assert_close(switch_balance_loss([r], M), torch.tensor(1.0))
+    # collapsed routing: everything to expert 0 with probability 1 -> M
+    collapsed = Routing(idx=torch.zeros(M, 1, dtype=torch.long), weights=torch.ones(M, 1),
+                        probs=torch.eye(M)[[0] * M], logits=None)
+    torch.testing.assert_close(switch_balance_loss([collapsed], M), torch.tensor(float(M)))
+    # "tokens" normalisation counts each token once per selection: k times larger for top-k
+    r2 = select_top_k(torch.randn(N, M), 3)
+    torch.testing.assert_close(switch_balance_loss([r2], M, "tokens"), 3 * switch_balance_loss([r2], M))

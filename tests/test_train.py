@@ -1,0 +1,120 @@
+"""Training end to end on the bundled corpus: the loss falls, runs resume exactly, finished runs are cached."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moe_core import store
+from moe_core.train import Trainer, lr_at, train
+from moe_core.variants import resolve
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def initial_val_loss(cfg, root, cache):
+    trainer = Trainer(cfg, root, cache, progress=False)
+    from moe_core.evaluate import evaluate
+    return evaluate(trainer.model, trainer.val, trainer.device)["val_loss"]
+
+
+@pytest.mark.parametrize("variant", ["wide", "deep", "linear", "hash", "dense_iso_param", "path_b4"])
+def test_short_training_lowers_the_validation_loss(variant, tmp_path, cache):
+    cfg = resolve(variant, "tiny", overrides={"train": {"steps": 40}})
+    before = initial_val_loss(cfg, tmp_path, cache)
+    result = train(cfg, tmp_path, cache, progress=False)
+    assert result["val_loss"] < before - 0.3, (before, result["val_loss"])
+    run = tmp_path / result["run_dir"].split("/")[-1]
+    losses = json.loads((run / "val_batch_losses.json").read_text())
+    assert len(losses) == cfg.train.eval_batches
+    assert abs(sum(losses) / len(losses) - result["val_loss"]) < 1e-9
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 40 and "val_loss" in metrics[-1]
+    if variant != "dense_iso_param":
+        telemetry = load_file(run / "telemetry.safetensors")
+        hops = cfg.model.hops_per_layer()
+        ids = [k for k in telemetry if k.startswith("ids.")]
+        assert len(ids) == sum(hops)
+        assert telemetry["ids.layer0.hop0"].shape == (cfg.train.telemetry_seqs * cfg.train.seq_len, cfg.model.top_k)
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path, cache):
+    cfg = resolve("deep", "tiny", overrides={"train": {"steps": 24, "checkpoint_every": 8, "eval_every": 8},
+                                             "model": {"dropout": 0.1}})
+    straight = train(cfg, tmp_path / "a", cache, progress=False)
+    assert train(cfg, tmp_path / "b", cache, progress=False, stop_at=13) is None
+    run_b = store.run_dir(cfg, tmp_path / "b")
+    assert sorted(p.name for p in run_b.glob("ckpt-*.json")) == ["ckpt-0000008.json", "ckpt-0000013.json"]
+    resumed = train(cfg, tmp_path / "b", cache, progress=False)
+    assert resumed["val_loss"] == straight["val_loss"]
+    a = load_file(store.run_dir(cfg, tmp_path / "a") / "final.safetensors")
+    b = load_file(run_b / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = lambda root: (store.run_dir(cfg, root) / "metrics.jsonl").read_text()
+    assert lines(tmp_path / "a") .count('"step": 8,') == lines(tmp_path / "b").count('"step": 8,')
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, cache):
+    cfg = resolve("wide", "tiny", overrides={"train": {"steps": 20, "checkpoint_every": 5}})
+    train(cfg, tmp_path, cache, progress=False, stop_at=12)
+    run = store.run_dir(cfg, tmp_path)
+    newest = sorted(run.glob("ckpt-*.safetensors"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    meta, _ = store.latest_checkpoint(run)
+    assert meta["step"] == 10
+    assert train(cfg, tmp_path, cache, progress=False)["steps"] == 20
+
+
+def test_finished_run_is_not_retrained(tmp_path, cache, monkeypatch):
+    cfg = resolve("hash", "tiny", overrides={"train": {"steps": 5}})
+    first = train(cfg, tmp_path, cache, progress=False)
+    assert first["cached"] is False
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    again = train(cfg, tmp_path, cache, progress=False)
+    assert again["cached"] is True and again["val_loss"] == first["val_loss"]
+
+
+def test_learning_rate_schedule():
+    t = resolve("wide", "paper").train
+    assert lr_at(0, t) == pytest.approx(3e-7)
+    assert lr_at(999, t) == pytest.approx(3e-4)
+    assert lr_at(t.steps, t) == pytest.approx(3e-5)
+    assert lr_at(1000 + (t.steps - 1000) // 2, t) == pytest.approx(3e-4 * 0.55, rel=1e-3)
+
+
+def run_cli(*args, env_root):
+    return subprocess.run([sys.executable, "-m", "moe_core", *args], capture_output=True, text=True,
+                          env={**__import__("os").environ, "MOE_CORE_RUNS": str(env_root / "runs"),
+                               "MOE_CORE_CACHE": str(env_root / "cache")})
+
+
+def test_cli_list_params_train_eval(tmp_path, cache):
+    listed = run_cli("list", env_root=tmp_path)
+    assert listed.returncode == 0 and "path_b4" in listed.stdout and "wiki-vital" in listed.stdout
+    params = json.loads(run_cli("params", "--variant", "wide", "--profile", "paper", env_root=tmp_path).stdout)
+    assert params["total"] == 84_740_096 and params["routing"] == 1_572_864 and params["paper_total"] == 84_742_144
+    trained = run_cli("train", "--variant", "wide", "--profile", "tiny", "--seed", "3", "--steps", "6",
+                      "--no-progress", env_root=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert {"run_dir", "val_loss", "val_ppl", "tokens_per_s", "cached"} <= result.keys()
+    evaluated = run_cli("eval", result["run_dir"], "--halt-eps", "0.05", env_root=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["mean_hops"] == 1.0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--variant", "wider", "--profile", "tiny"], "valid variants:"),
+    (["train", "--variant", "wide", "--profile", "tiny", "--steps", "-3"], "train.steps"),
+    (["train", "--variant", "wide", "--profile", "tiny", "--corpus", "wikipedia"], "valid corpora:"),
+    (["params", "--variant", "wide", "--profile", "laptop"], "valid profiles:"),
+])
+def test_cli_rejects_bad_input_before_any_work(args, message, tmp_path):
+    out = run_cli(*args, env_root=tmp_path)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
