@@ -39,15 +39,15 @@ import os
 import re
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import numpy as np
 import tokenizers
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .store import atomic_write
 
 OFFLINE_CORPORA: tuple[str, ...] = ("wiki-vital", "wiki-vital-fr", "wiki-vital-es")
 HUB_CORPORA: tuple[str, ...] = ("wikitext-2", "wikitext-103", "openwebtext")
@@ -192,19 +192,6 @@ def _openwebtext() -> dict[str, list[str]]:
 
 # ------------------------------------------------------------------- tokens + cache
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temp file in the same directory, then rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; caches are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _cache_key(corpus: str, vocab_size: int) -> str:
     return f"{corpus}-v{vocab_size}-{TOKENIZER_VERSION}-tok{tokenizers.__version__}"
 
@@ -234,7 +221,7 @@ def get_tokenizer(corpus: str, vocab_size: int, cache_dir: str | Path) -> Tokeni
     path = Path(cache_dir) / "tokenizers" / f"{_cache_key(corpus, vocab_size)}.json"
     if not path.exists():
         tokenizer = _train_tokenizer(corpus, vocab_size)
-        _atomic_write(path, lambda f: f.write(tokenizer.to_str().encode("utf-8")))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(tokenizer.to_str(), encoding="utf-8"))
     return Tokenizer.from_file(str(path))
 
 
@@ -253,7 +240,11 @@ def load_tokens(corpus: str, split: str, vocab_size: int, cache_dir: str | Path)
             encodings = tokenizer.encode_batch(texts[i : i + _ENCODE_CHUNK])
             pieces += [np.array(e.ids + eot, dtype) for e in encodings]
         ids = np.concatenate(pieces)
-        _atomic_write(path, lambda f: np.save(f, ids))
+        def write_npy(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, ids)
+
+        atomic_write(path, write_npy)
     return torch.from_numpy(np.load(path).astype(np.int64))
 
 

@@ -48,6 +48,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; runs and caches are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

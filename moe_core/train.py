@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import store
-from .config import RunConfig, TrainConfig, validate
+from .config import ConfigError, RunConfig, TrainConfig, validate
 from .data import TrainStream, prepare_data, val_batches
 from .evaluate import autocast_for, evaluate, resolve_device, routing_telemetry
 from .model import MoETransformer
@@ -85,7 +85,10 @@ class Trainer:
         t = cfg.train
         self.data = prepare_data(cfg.data.corpus, cfg.data.vocab_size, cache_dir)
         self.stream = TrainStream(self.data.train, t.seq_len, t.batch_size, cfg.seed, t.accum_steps)
-        self.val = val_batches(self.data.validation, t.seq_len, t.eval_batch_size, t.eval_batches)
+        try:
+            self.val = val_batches(self.data.validation, t.seq_len, t.eval_batch_size, t.eval_batches)
+        except ValueError as e:  # the corpus decides how many validation batches exist
+            raise ConfigError("train.eval_batches", t.eval_batches, str(e)) from e
         torch.manual_seed(cfg.seed)
         self.model = MoETransformer(cfg.model).to(self.device)
         self.optimizer = make_optimizer(self.model, t, self.device)
@@ -145,7 +148,6 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=start, disable=not self.progress, unit="step", file=sys.stderr,
                    desc=f"{cfg.variant}/{cfg.profile}/s{cfg.seed}", dynamic_ncols=True, mininterval=1.0)
         tokens_done, tick = 0, time.perf_counter()
-        step = start
         try:
             for step in range(start, t.steps):
                 if stop_at is not None and step >= stop_at:
@@ -177,9 +179,6 @@ class Trainer:
                     self.checkpoint(done)
                     tick = time.perf_counter()
                 bar.update(1)
-        except KeyboardInterrupt:
-            self.checkpoint(step)
-            raise
         finally:
             bar.close()
         return self.finish()

@@ -6,12 +6,14 @@ import os
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from moe_core import data
+from moe_core.store import atomic_write
 from moe_core.data import (
     CORPORA,
     HUB_CORPORA,
@@ -205,12 +207,12 @@ def test_token_streams_round_trip(wiki, cache):
 def test_cache_writes_are_atomic(wiki, cache, tmp_path):
     assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
 
-    def crash(f):
-        f.write(b"half a file")
+    def crash(tmp):
+        Path(tmp).write_bytes(b"half a file")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        data._atomic_write(tmp_path / "sub" / "x.npy", crash)
+        atomic_write(tmp_path / "sub" / "x.npy", crash)
     assert list((tmp_path / "sub").iterdir()) == []
 
 

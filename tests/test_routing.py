@@ -4,7 +4,7 @@ import torch
 
 from moe_core.model import MoETransformer
 from moe_core.routing import (CosineRouter, HashRouter, LinearRouter, LowRankRouter, Routing, hash_scores,
-                              select_top_k, switch_balance_loss)
+                              router_z_loss, select_top_k, switch_balance_loss)
 from moe_core.variants import resolve
 
 D, M, K, N = 32, 24, 5, 64
@@ -144,3 +144,14 @@ def test_switch_balance_loss_is_one_when_balanced():
     # "tokens" normalisation counts each token once per selection: k times larger for top-k
     r2 = select_top_k(torch.randn(N, M), 3)
     torch.testing.assert_close(switch_balance_loss([r2], M, "tokens"), 3 * switch_balance_loss([r2], M))
+
+
+def test_router_z_loss_and_layer_pooled_balance():
+    logits = torch.randn(N, M)
+    r = select_top_k(logits, K)
+    torch.testing.assert_close(router_z_loss(r), (logits.logsumexp(-1) ** 2).mean())
+    # pooling two hops into one event equals the loss of their concatenation
+    r2 = select_top_k(torch.randn(N, M), K)
+    both = Routing(idx=torch.cat([r.idx, r2.idx]), weights=torch.cat([r.weights, r2.weights]),
+                   probs=torch.cat([r.probs, r2.probs]), logits=None)
+    torch.testing.assert_close(switch_balance_loss([r, r2], M), switch_balance_loss([both], M))

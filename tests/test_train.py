@@ -118,3 +118,21 @@ def test_cli_rejects_bad_input_before_any_work(args, message, tmp_path):
     out = run_cli(*args, env_root=tmp_path)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_balance_and_z_loss_options_train(tmp_path, cache):
+    cfg = resolve("deep", "tiny", overrides={"train": {"steps": 3, "balance_events": "per_layer",
+                                                       "balance_reduce": "sum", "z_loss_coef": 1e-3}})
+    result = train(cfg, tmp_path, cache, progress=False)
+    run = store.run_dir(cfg, tmp_path)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "balance" in line]
+    # summed over 4 layers: about 4x the per-event value of 1 for a balanced router
+    assert logged and all(2.0 < rec["balance"] < 4 * cfg.model.n_experts for rec in logged)
+    assert result["val_loss"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_training(tmp_path, cache):
+    cfg = resolve("deep", "tiny", overrides={"train": {"steps": 10, "device": "cuda"}})
+    result = train(cfg, tmp_path, cache, progress=False)
+    assert result["device"].startswith("cuda") and result["val_loss"] < 6.3
