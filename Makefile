@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test smoke clean
+.PHONY: install test smoke book clean
+PROFILE ?= smoke
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +23,9 @@ test: $(STAMP)
 smoke: $(STAMP)
 	$(PY) -m moe_core train --variant deep --profile smoke --seed 42
 
+# Execute the book's notebooks for PROFILE (papermill, cached) and build _build/html offline.
+book: $(STAMP)
+	$(PY) -m moe_core book --profile $(PROFILE)
+
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs executed _build

@@ -1,4 +1,4 @@
-"""Command line: `python -m moe_core {list,params,train,eval}`.
+"""Command line: `python -m moe_core {list,params,train,eval,book}`.
 
 Commands that produce results end their standard output with one JSON line, the stable
 interface scripts and CI read. Bad names and values are rejected before any work.
@@ -8,19 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from functools import lru_cache
 from pathlib import Path
 
-import yaml
-
 from .config import ConfigError
-from .variants import HERE, check_name, profiles, resolve, variants
-
-
-@lru_cache(maxsize=None)
-def paper_reference() -> dict:
-    with open(HERE / "reference.yaml") as f:
-        return yaml.safe_load(f)
+from .variants import check_name, paper_reference, profiles, resolve, variants
 
 
 def cmd_list(args) -> dict:
@@ -93,6 +84,12 @@ def cmd_eval(args) -> dict:
     return {"run_dir": str(run), "variant": cfg.variant, "seed": cfg.seed, **vars(iv), **result}
 
 
+def cmd_book(args) -> dict:
+    from .book import build_book
+
+    return build_book(args.profile, html=not args.no_html)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe_core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--halt-eps", type=float, default=0.0, help="relative-norm halting threshold")
     ev.add_argument("--freeze-routing", action="store_true", help="reuse the hop-0 routing at every hop")
     ev.add_argument("--zero-moe", action="store_true", help="set every MoE output to zero")
+    book = sub.add_parser("book", help="execute the book's notebooks for a profile and build the HTML")
+    book.add_argument("--profile", default="smoke")
+    book.add_argument("--no-html", action="store_true", help="execute the notebooks only")
     return p
 
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from .data import CorpusUnavailable
 
-    commands = {"list": cmd_list, "params": cmd_params, "train": cmd_train, "eval": cmd_eval}
+    commands = {"list": cmd_list, "params": cmd_params, "train": cmd_train, "eval": cmd_eval, "book": cmd_book}
     try:
         result = commands[args.command](args)
     except (ConfigError, CorpusUnavailable) as e:

@@ -135,7 +135,10 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": ce_sum / t.accum_steps, "balance": balance_sum / t.accum_steps, "grad_norm": grad_norm, "lr": lr}
+        stats = {"loss": ce_sum / t.accum_steps, "balance": balance_sum / t.accum_steps, "grad_norm": grad_norm, "lr": lr}
+        if self.model.alpha is not None:  # the Magnitude Hack's scalar, for its trajectory
+            stats["alpha"] = self.model.alpha.detach().mean()
+        return stats
 
     def fit(self, stop_at: int | None = None) -> dict | None:
         """Train to the end (or to `stop_at`, leaving a checkpoint). Returns results when finished."""

@@ -33,6 +33,11 @@ def profiles() -> dict[str, dict]:
     return {p.stem: _load(p) for p in sorted((HERE / "profiles").glob("*.yaml"))}
 
 
+def paper_reference() -> dict:
+    """The papers' own numbers (moe_core/reference.yaml), never our measurements."""
+    return _load(HERE / "reference.yaml")
+
+
 def check_name(kind: str, name: str, choices) -> None:
     if name not in choices:
         plural = "corpora" if kind == "corpus" else f"{kind}s"

@@ -1,0 +1,222 @@
+"""The executable book: run the notebooks of a plan with papermill, then build with jupyter-book.
+
+A plan (`book/plans/<profile>.yaml`) lists notebooks in dependency order with their parameters.
+Each notebook's executed copy (`executed/<name>.ipynb`) records a key: a hash of the notebook,
+its parameters, the moe_core sources, the torch version and the keys of every notebook before it.
+An unchanged key skips the notebook, so a warm rebuild only re-renders; training runs are cached
+separately in the run store. papermill, nbformat and jupyter-book are imported only here.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+import moe_core
+
+from .config import ConfigError
+from .store import atomic_write
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS, EXECUTED, PLANS = ROOT / "notebooks", ROOT / "executed", ROOT / "book" / "plans"
+META_KEY = "moe_core_book"
+
+
+# ------------------------------------------------------------------ parameters
+
+def declared_parameters(notebook: Path) -> dict:
+    """Name -> default of the assignments in the notebook's cell tagged `parameters`."""
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    for cell in cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+                    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    raise ValueError(f"{notebook} has no cell tagged 'parameters'")
+
+
+def _same_type(value, default) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            return False
+        scalar = {type(d) for d in default if not isinstance(d, (list, tuple, dict))}
+        homogeneous = len(scalar) == 1 and len(default) == sum(1 for d in default if type(d) in scalar)
+        return not homogeneous or all(_same_type(v, default[0]) for v in value)  # e.g. seeds: all ints
+    return isinstance(value, type(default))
+
+
+def check_parameters(given: dict, declared: dict, notebook: str) -> None:
+    """Reject unknown or ill-typed parameters (papermill alone only warns)."""
+    for name, value in given.items():
+        if name not in declared:
+            raise ConfigError(f"{notebook}.{name}", value, f"unknown parameter; valid: {', '.join(declared)}")
+        if not _same_type(value, declared[name]):
+            raise ConfigError(f"{notebook}.{name}", value,
+                              f"must be of type {type(declared[name]).__name__} like the default {declared[name]!r}")
+
+
+@dataclass
+class NotebookRun:
+    """What a notebook knows about its own execution: its parameters and when it started."""
+
+    name: str
+    params: dict
+    started: float = field(default_factory=time.perf_counter)
+
+    def provenance(self) -> dict:
+        """Commit, versions, device, profile and wall time, for the notebook's last cell."""
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+        return {"notebook": self.name, "profile": self.params.get("profile"), "git_commit": commit,
+                "moe_core": moe_core.__version__, "torch": torch.__version__,
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "wall_seconds": round(time.perf_counter() - self.started, 1)}
+
+
+def notebook_parameters(namespace: dict, name: str) -> NotebookRun:
+    """Called right after a notebook's parameters cell: validate what papermill injected.
+
+    Unknown names show up as extra user variables in the kernel's namespace.
+    """
+    declared = declared_parameters(NOTEBOOKS / f"{name}.ipynb")
+    hidden = set()
+    try:
+        hidden = set(get_ipython().user_ns_hidden)  # noqa: F821 (defined inside IPython)
+    except NameError:
+        pass
+    user = {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k not in hidden and not callable(v) and not isinstance(v, type(sys))}
+    check_parameters(user, declared, name)
+    return NotebookRun(name, {k: user.get(k, declared[k]) for k in declared})
+
+
+# ----------------------------------------------------------------------- plans
+
+def load_plan(profile: str) -> list[tuple[str, dict]]:
+    """The (notebook, parameters) list of a profile's plan, validated before any work."""
+    path = PLANS / f"{profile}.yaml"
+    if not path.exists():
+        plans = ", ".join(p.stem for p in sorted(PLANS.glob("*.yaml")))
+        raise ConfigError("profile", profile, f"no book plan; valid plans: {plans}")
+    plan = yaml.safe_load(path.read_text())
+    steps = []
+    for entry in plan["notebooks"]:
+        name, params = entry["notebook"], {"profile": plan["profile"], **(entry.get("params") or {})}
+        notebook = NOTEBOOKS / f"{name}.ipynb"
+        if not notebook.exists():
+            raise ConfigError(f"plan {profile}", name, f"no notebook {notebook.relative_to(ROOT)}")
+        check_parameters(params, declared_parameters(notebook), name)
+        steps.append((name, params))
+    return steps
+
+
+def source_digest() -> str:
+    """A hash of every moe_core source and data file: any code change re-executes the book."""
+    h = hashlib.sha256()
+    for path in sorted(Path(moe_core.__file__).parent.rglob("*")):
+        if path.suffix in (".py", ".yaml"):
+            h.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def notebook_key(name: str, params: dict, upstream: str, digest: str) -> str:
+    blob = json.dumps({"notebook": (NOTEBOOKS / f"{name}.ipynb").read_text(), "params": params,
+                       "moe_core": digest, "torch": torch.__version__, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def executed_key(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("metadata", {}).get(META_KEY, {}).get("key")
+
+
+def execute_plan(profile: str, log=print) -> list[dict]:
+    """Run every notebook of the plan whose key changed; returns one record per notebook."""
+    import nbformat
+    import papermill
+
+    steps = load_plan(profile)
+    digest, upstream, records = source_digest(), "", []
+    EXECUTED.mkdir(exist_ok=True)
+    for name, params in steps:
+        key = notebook_key(name, params, upstream, digest)
+        upstream += key
+        out = EXECUTED / f"{name}.ipynb"
+        if executed_key(out) == key:
+            log(f"book: {name}: up to date")
+            records.append({"notebook": name, "executed": False, "seconds": 0.0})
+            continue
+        log(f"book: {name}: executing with {params}")
+        start = time.perf_counter()
+        tmp = EXECUTED / f".{name}.running.ipynb"
+        papermill.execute_notebook(NOTEBOOKS / f"{name}.ipynb", tmp, parameters=params, cwd=str(ROOT),
+                                   kernel_name="python3", progress_bar=False)
+        nb = nbformat.read(tmp, as_version=4)
+        nb.metadata[META_KEY] = {"key": key, "profile": profile, "params": params}
+        atomic_write(out, lambda path: nbformat.write(nb, path))
+        tmp.unlink()
+        seconds = time.perf_counter() - start
+        log(f"book: {name}: done in {seconds:.0f} s")
+        records.append({"notebook": name, "executed": True, "seconds": seconds})
+    return records
+
+
+def build_html(log=print) -> Path:
+    """jupyter-book build with execution off (the notebooks are already executed), warnings as errors."""
+    executable = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(executable if executable.exists() else "jupyter-book"), "build", str(ROOT), "--builder", "html",
+           "-W", "-n", "--keep-going"]
+    log("book: " + " ".join(cmd))
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
+    return ROOT / "_build" / "html" / "index.html"
+
+
+def build_book(profile: str, html: bool = True, log=print) -> dict:
+    start = time.perf_counter()
+    records = execute_plan(profile, log)
+    index = build_html(log) if html else None
+    return {"profile": profile, "notebooks": records, "index": str(index) if index else None,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+# ------------------------------------------------------------- notebook helpers
+
+def glue_value(key: str, value) -> None:
+    """Glue a number or string for {glue:text}; numpy scalars become Python ones (myst-nb formats those)."""
+    from myst_nb import glue
+
+    glue(key, value.item() if hasattr(value, "item") else value, display=False)
+
+
+def glue_verdict(key: str, verdict) -> None:
+    """Glue a claims.Verdict as Markdown, for {glue:md} in the narrative."""
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    glue(key, Markdown(f"**{verdict.outcome}** ({verdict.reason})"), display=False)
+
+
+def glue_figure(key: str, fig) -> None:
+    """Glue a figure for a numbered {glue:figure} and close it so it is not shown twice."""
+    import matplotlib.pyplot as plt
+    from myst_nb import glue
+
+    glue(key, fig, display=False)
+    plt.close(fig)

@@ -1,0 +1,79 @@
+"""Plain verdicts on the papers' claims: agrees / disagrees / undecided at this scale, with a reason.
+
+Each function takes numbers this code measured and returns a `Verdict`; the notebooks glue its
+text next to the paper's number. The rules are written down here, once, so every chapter judges
+the same way: a direction claim needs a confidence interval that excludes zero, an equivalence
+claim needs TOST, and anything in between is undecided.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AGREES, DISAGREES, UNDECIDED = "agrees", "disagrees", "undecided"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # agrees | disagrees | undecided
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.outcome}: {self.reason}"
+
+
+def direction(lo: float, hi: float, expect: str, what: str) -> Verdict:
+    """A claim that a paired difference (first - second, in loss) is negative or positive.
+
+    Agrees when the 95% CI lies entirely on the expected side, disagrees when it lies entirely on
+    the other side, undecided when it contains zero.
+    """
+    if expect not in ("negative", "positive"):
+        raise ValueError(f"expect={expect!r}: choose negative or positive")
+    below, above = hi < 0, lo > 0
+    ci = f"95% CI [{lo:+.4f}, {hi:+.4f}]"
+    if (below and expect == "negative") or (above and expect == "positive"):
+        return Verdict(AGREES, f"{what}: the {ci} excludes zero on the paper's side")
+    if below or above:
+        return Verdict(DISAGREES, f"{what}: the {ci} excludes zero on the opposite side")
+    return Verdict(UNDECIDED, f"{what}: the {ci} contains zero")
+
+
+def equivalence(n_equivalent: int, n_pairs: int, n_clearly_different: int, delta: float) -> Verdict:
+    """The paper's equifinality claim: every pair of cosine variants is TOST-equivalent at delta.
+
+    Agrees when all pairs are equivalent; disagrees when some pair's 90% CI lies entirely outside
+    +-delta (a difference larger than the margin); otherwise undecided (CIs straddle the margin).
+    """
+    if n_equivalent == n_pairs:
+        return Verdict(AGREES, f"all {n_pairs} pairs are TOST-equivalent at delta = {delta}")
+    if n_clearly_different:
+        return Verdict(DISAGREES, f"{n_clearly_different} of {n_pairs} pairs differ by more than delta = {delta} "
+                                  f"(90% CI entirely outside the margin)")
+    return Verdict(UNDECIDED, f"{n_equivalent} of {n_pairs} pairs are equivalent at delta = {delta}; the others' "
+                              f"90% CIs straddle the margin")
+
+
+def small_gap(gap: float, noise: float, what: str) -> Verdict:
+    """A claim that a gap is small next to seed noise (both in the same units, noise = a std)."""
+    if noise != noise or noise <= 0:  # nan or no spread: nothing to compare with
+        return Verdict(UNDECIDED, f"{what}: no seed spread to compare the gap {gap:.3f} with")
+    ratio = abs(gap) / noise
+    if ratio <= 1:
+        return Verdict(AGREES, f"{what}: the gap {gap:.3f} is {ratio:.1f}x the seed std {noise:.3f}")
+    if ratio >= 3:
+        return Verdict(DISAGREES, f"{what}: the gap {gap:.3f} is {ratio:.1f}x the seed std {noise:.3f}")
+    return Verdict(UNDECIDED, f"{what}: the gap {gap:.3f} is {ratio:.1f}x the seed std {noise:.3f} (between 1x and 3x)")
+
+
+def threshold(value: float, agree_if: str, bound: float, what: str, undecided_band: float = 0.0) -> Verdict:
+    """A claim that a measured value is above (`agree_if="above"`) or below a bound.
+
+    Values within `undecided_band` of the bound are undecided.
+    """
+    if agree_if not in ("above", "below"):
+        raise ValueError(f"agree_if={agree_if!r}: choose above or below")
+    margin = value - bound if agree_if == "above" else bound - value
+    text = f"{what} = {value:.3g} ({'>' if agree_if == 'above' else '<'} {bound:.3g} expected)"
+    if abs(margin) <= undecided_band:
+        return Verdict(UNDECIDED, text + ", too close to call")
+    return Verdict(AGREES if margin > 0 else DISAGREES, text)

@@ -1,0 +1,86 @@
+"""The book: every notebook executes under papermill at the tiny profile, the HTML builds with -W,
+every glue key a chapter references exists, and bad parameters are rejected before any work."""
+import json
+import re
+
+import pytest
+
+from moe_core import book
+from moe_core.config import ConfigError
+
+GLUE_REF = re.compile(r"\{glue:(?:text|md)\}`([A-Za-z0-9_]+)|```\{glue:figure\}\s+([A-Za-z0-9_]+)")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOE_CORE_RUNS", str(runs))
+        result = book.build_book("tiny")
+    return result
+
+
+def glued_keys(notebook) -> set[str]:
+    keys = set()
+    for cell in notebook["cells"]:
+        for output in cell.get("outputs", []):
+            scrap = output.get("metadata", {}).get("scrapbook")
+            if scrap:
+                keys.add(scrap["name"])
+    return keys
+
+
+def test_every_notebook_executes_and_the_book_builds(built):
+    assert [r["notebook"] for r in built["notebooks"]] == [name for name, _ in book.load_plan("tiny")]
+    assert (book.ROOT / "_build" / "html" / "index.html").exists()
+    for name, _ in book.load_plan("tiny"):
+        assert (book.ROOT / "_build" / "html" / "executed" / f"{name}.html").exists()
+
+
+def test_every_glue_reference_exists(built):
+    for name, _ in book.load_plan("tiny"):
+        executed = json.loads((book.EXECUTED / f"{name}.ipynb").read_text())
+        available = glued_keys(executed)
+        referenced = {a or b for cell in executed["cells"] if cell["cell_type"] == "markdown"
+                      for a, b in GLUE_REF.findall("".join(cell["source"]))}
+        assert referenced, f"{name} glues nothing into its narrative"
+        assert referenced <= available, f"{name}: missing glue keys {referenced - available}"
+        assert "provenance" in available
+
+
+def test_unchanged_notebooks_are_not_executed_again(built):
+    again = book.execute_plan("tiny", log=lambda *_: None)
+    assert not any(r["executed"] for r in again)
+
+
+def test_executed_notebooks_record_provenance_and_key(built):
+    executed = json.loads((book.EXECUTED / "table3.ipynb").read_text())
+    assert executed["metadata"][book.META_KEY]["profile"] == "tiny"
+    assert len(executed["metadata"][book.META_KEY]["key"]) == 16
+
+
+def test_plan_parameters_are_validated():
+    declared = book.declared_parameters(book.NOTEBOOKS / "exp_convergence.ipynb")
+    assert declared["seeds"] == [42, 137, 7] and declared["profile"] == "smoke"
+    with pytest.raises(ConfigError, match="unknown parameter; valid: profile, cosine_variants, seeds"):
+        book.check_parameters({"sedes": [1]}, declared, "exp_convergence")
+    with pytest.raises(ConfigError, match="must be of type list"):
+        book.check_parameters({"seeds": 42}, declared, "exp_convergence")
+    with pytest.raises(ConfigError, match="must be of type list"):
+        book.check_parameters({"seeds": ["42"]}, declared, "exp_convergence")
+    with pytest.raises(ConfigError, match="no book plan; valid plans: paper, smoke, tiny"):
+        book.load_plan("huge")
+
+
+def test_injected_unknown_parameter_is_rejected_inside_the_notebook():
+    namespace = {"profile": "smoke", "seeds": [42], "sedes": [1]}
+    with pytest.raises(ConfigError, match="exp_convergence.sedes"):
+        book.notebook_parameters(namespace, "exp_convergence")
+    run = book.notebook_parameters({"profile": "tiny", "seeds": [42]}, "exp_convergence")
+    assert run.params["profile"] == "tiny" and run.params["control_seeds"] == [42]
+    assert {"git_commit", "moe_core", "torch", "device", "profile", "wall_seconds"} <= run.provenance().keys()
+
+
+def test_every_plan_is_valid():
+    for profile in ("tiny", "smoke", "paper"):
+        assert book.load_plan(profile)

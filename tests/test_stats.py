@@ -1,0 +1,180 @@
+"""Equivalence statistics (App. B): paired bootstrap, block bootstrap, TOST, seed-level TOST, summaries."""
+import math
+
+import numpy as np
+import pytest
+
+from moe_core.stats import (bootstrap_means, equivalence_counts, mean_std, paired_bootstrap, paired_differences,
+                            pairwise_equivalence, ppl_margin, seed_tost, tost)
+
+N = 50  # validation batches, as in the paper
+R = 2000  # resamples: enough for stable CIs, fast on a shared CPU
+
+
+def noise(seed, scale=0.01, n=N):
+    return scale * np.random.default_rng(seed).standard_normal(n)
+
+
+def test_paired_differences():
+    d = paired_differences(np.array([3.0, 3.5, 4.0], dtype=np.float32), [2.5, 3.5, 4.25])
+    assert d.dtype == np.float64
+    np.testing.assert_allclose(d, [0.5, 0.0, -0.25])
+
+
+def test_deterministic_per_seed():
+    d = noise(0)
+    np.testing.assert_array_equal(bootstrap_means(d, R, seed=42), bootstrap_means(d, R, seed=42))
+    assert not np.array_equal(bootstrap_means(d, R, seed=42), bootstrap_means(d, R, seed=43))
+    assert paired_bootstrap(d, R, seed=7) == paired_bootstrap(d, R, seed=7)
+    assert paired_bootstrap(d, R, seed=7)["lo"] != paired_bootstrap(d, R, seed=8)["lo"]
+
+
+def test_hand_computed_small_case():
+    """Length-3 diffs: the ordinary bootstrap is rng.integers(0, n, (R, n)) followed by row means."""
+    d, r, seed = np.array([1.0, 2.0, 4.0]), 6, 123
+    idx = np.random.default_rng(seed).integers(0, 3, size=(r, 3))
+    expected = [sum(d[j] for j in row) / 3 for row in idx]
+    got = bootstrap_means(d, r, seed=seed)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+    # every resampled mean is (a + b + c) / 3 for a, b, c drawn from {1, 2, 4}
+    assert set(np.round(got * 3).astype(int)) <= {a + b + c for a in (1, 2, 4) for b in (1, 2, 4) for c in (1, 2, 4)}
+
+
+def test_block_bootstrap_matches_loop_reimplementation():
+    """Moving blocks: ceil(n/b) starts in 0..n-b, contiguous blocks concatenated, truncated to n."""
+    d, r, b, seed = noise(1, n=23), 50, 5, 9
+    starts = np.random.default_rng(seed).integers(0, 23 - b + 1, size=(r, math.ceil(23 / b)))
+    expected = [np.concatenate([d[s:s + b] for s in row])[:23].mean() for row in starts]
+    np.testing.assert_allclose(bootstrap_means(d, r, seed=seed, block=b), expected, rtol=0, atol=1e-15)
+
+
+def test_block_one_is_ordinary_bootstrap():
+    d = noise(2)
+    idx = np.random.default_rng(42).integers(0, N, size=(R, N))
+    np.testing.assert_allclose(bootstrap_means(d, R, block=1), d[idx].mean(axis=1), rtol=0, atol=1e-15)
+
+
+def test_block_bootstrap_widens_ci_on_autocorrelated_diffs():
+    d = 0.01 * np.sin(np.linspace(0, 2 * np.pi, N)) + noise(3, scale=0.002)
+    width = {b: paired_bootstrap(d, R, block=b)["hi"] - paired_bootstrap(d, R, block=b)["lo"] for b in (1, 5, 10)}
+    assert width[5] > 1.5 * width[1]
+    assert width[10] > width[5]
+
+
+def test_constant_diffs_collapse_ci():
+    res = paired_bootstrap(np.full(N, 0.02), R)
+    assert res["lo"] == pytest.approx(0.02) and res["hi"] == pytest.approx(0.02)
+    assert res["mean"] == pytest.approx(0.02) and not res["zero_in_ci"]
+    assert res["n"] == N and res["block"] == 1
+
+
+def test_zero_in_ci():
+    centred = noise(4) - noise(4).mean()
+    assert paired_bootstrap(centred, R)["zero_in_ci"]
+    shifted = paired_bootstrap(centred + 0.02, R)
+    assert not shifted["zero_in_ci"] and shifted["lo"] > 0
+
+
+def test_tost_inside_and_outside_margin():
+    d = 0.001 + noise(5, scale=0.005)
+    inside = tost(d, delta=0.03, n_resamples=R)
+    assert inside["equivalent"] and inside["p_value"] < 0.05
+    assert -0.03 <= inside["lo"] < inside["hi"] <= 0.03
+    outside = tost(d - d.mean() + 0.06, delta=0.03, n_resamples=R)
+    assert not outside["equivalent"] and outside["p_value"] > 0.95
+    assert tost(-(d - d.mean() + 0.06), delta=0.03, n_resamples=R)["equivalent"] is False
+
+
+def test_tost_ninety_percent_ci_is_narrower_than_ninety_five():
+    d = noise(6)
+    ci95, ci90 = paired_bootstrap(d, R), tost(d, 1.0, R)
+    assert ci95["lo"] < ci90["lo"] < ci90["hi"] < ci95["hi"]
+
+
+@pytest.mark.parametrize("delta,n", [(0.03, 10), (0.05, 3), (0.05, 50), (0.1, 3)])
+def test_tost_closed_interval(delta, n):
+    """CI bounds equal to the margin count as inside, even where the float mean rounds just past it."""
+    for sign in (1, -1):
+        res = tost(np.full(n, sign * delta), delta, n_resamples=100)
+        assert res["equivalent"] and res["p_value"] == 0.0
+        assert res["lo"] == pytest.approx(sign * delta, rel=1e-12)
+
+
+def test_pairwise_equivalence_table():
+    base = 3.5 + noise(10, scale=0.2)  # shared batch difficulty, cancelled by pairing
+    losses = {"wide": base, "deep": base + 0.025 + noise(11, 0.005), "decoupled": base + 0.004 + noise(12, 0.005)}
+    deltas, blocks = (0.02, 0.03, 0.05), (1, 5, 10)
+    table = pairwise_equivalence(losses, deltas, blocks, n_resamples=R)
+    assert list(zip(table["first"], table["second"])) == [("wide", "deep"), ("wide", "decoupled"),
+                                                            ("deep", "decoupled")]
+    expected = ["first", "second", "mean", "ci95_lo", "ci95_hi", "zero_in_ci"]
+    expected += [f"{k}_b{b}" for b in blocks for k in ("ci90_lo", "ci90_hi")]
+    expected += [f"tost_{d}_b{b}" for b in blocks for d in deltas]
+    assert set(table.columns) == set(expected)
+    # rows agree with the single-pair functions
+    row = table.iloc[0]
+    diffs = paired_differences(losses["wide"], losses["deep"])
+    boot = paired_bootstrap(diffs, R)
+    assert (row["mean"], row["ci95_lo"], row["ci95_hi"]) == (boot["mean"], boot["lo"], boot["hi"])
+    t5 = tost(diffs, 0.03, R, block=5)
+    assert (row["ci90_lo_b5"], row["ci90_hi_b5"], row["tost_0.03_b5"]) == (t5["lo"], t5["hi"], t5["equivalent"])
+    # wide-deep (~0.025) and deep-decoupled (~0.021) differ significantly and fail the 0.02 margin only
+    assert not row["zero_in_ci"] and row["mean"] < -0.02
+    for b in blocks:
+        counts = equivalence_counts(table, deltas, block=b)
+        assert counts == {d: int(table[f"tost_{d}_b{b}"].sum()) for d in deltas}
+        assert counts[0.02] <= counts[0.03] <= counts[0.05] == 3
+        assert counts[0.02] == 1 and counts[0.03] == 3
+    with pytest.raises(ValueError, match="block=7"):
+        equivalence_counts(table, deltas, block=7)
+
+
+def test_seed_tost_matches_pingouin():
+    pingouin = pytest.importorskip("pingouin")
+    wide, deep = [33.93, 34.35, 34.37], [34.62, 34.67, 34.67]
+    res = seed_tost(wide, deep, np.float32(1.0))
+    ref = pingouin.tost(np.array(wide), np.array(deep), bound=1.0, paired=False)
+    assert res["p_value"] == pytest.approx(float(ref["pval"].iloc[0]))
+    assert res["dof"] == pytest.approx(float(ref["dof"].iloc[0]))
+    assert type(res["bound"]) is float and res["equivalent"] == (res["p_value"] < 0.05)
+    assert not seed_tost(wide, deep, 0.1)["equivalent"]
+    with pytest.raises(ValueError, match="values_b.*at least 2"):
+        seed_tost(wide, [34.62], 1.0)
+
+
+def test_mean_std_matches_table3():
+    mean, std = mean_std([33.93, 34.35, 34.37])
+    assert (round(mean, 2), round(std, 2)) == (34.22, 0.25)
+    mean, std = mean_std([34.62, 34.67, 34.67])
+    assert (round(mean, 2), round(std, 2)) == (34.65, 0.03)
+    mean, std = mean_std([34.0])
+    assert mean == 34.0 and math.isnan(std)
+
+
+def test_ppl_margin():
+    assert ppl_margin(0.03, 34) == pytest.approx(1.04, abs=0.005)
+    assert ppl_margin(0.02, 34) == pytest.approx(0.69, abs=0.005)
+    assert ppl_margin(0.05, 34) == pytest.approx(1.74, abs=0.005)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: paired_differences([1.0, 2.0, 3.0], [1.0, 2.0]), "lengths 3 and 2"),
+    (lambda: paired_differences([1.0, float("nan")], [1.0, 2.0]), "nan at index 1"),
+    (lambda: paired_differences([1.0], [2.0]), "at least 2"),
+    (lambda: bootstrap_means([0.1, 0.2, 0.3], n_resamples=0), "n_resamples.*>= 1.*0"),
+    (lambda: bootstrap_means([0.1, 0.2, 0.3], block=4), r"block.*\[1, 3\].*4"),
+    (lambda: bootstrap_means([0.1, 0.2, 0.3], block=0), r"block.*\[1, 3\].*0"),
+    (lambda: bootstrap_means([0.1, np.inf, 0.3]), "inf at index 1"),
+    (lambda: tost([0.1, 0.2, 0.3], delta=0.0), "delta.*> 0.*0.0"),
+    (lambda: tost([0.1, 0.2, 0.3], delta=-0.03), "delta.*-0.03"),
+    (lambda: tost([0.1, 0.2, 0.3], delta=0.03, alpha=0.5), r"alpha.*\(0, 0.5\).*0.5"),
+    (lambda: paired_bootstrap([0.1, 0.2, 0.3], ci=1.5), "ci.*1.5"),
+    (lambda: pairwise_equivalence({"a": [1.0, 2.0]}), "at least 2 models"),
+    (lambda: pairwise_equivalence({"a": [1.0, 2.0], "b": [1.0, 2.0]}, deltas=(0.0,)), "delta.*0.0"),
+    (lambda: pairwise_equivalence({"a": [1.0, 2.0], "b": [1.0, 2.0]}, blocks=(3,)), r"block.*\[1, 2\].*3"),
+    (lambda: mean_std([]), "at least 1"),
+    (lambda: ppl_margin(0.03, 0), "ppl.*0"),
+])
+def test_bad_inputs_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
