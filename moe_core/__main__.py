@@ -1,16 +1,19 @@
-"""Command line: `python -m moe_core {list,params,train,eval,book}`.
+"""Command line: `python -m moe_core {list,params,train,sweep,eval,book}`.
 
 Commands that produce results end their standard output with one JSON line, the stable
-interface scripts and CI read. Bad names and values are rejected before any work.
+interface scripts and CI read (under torchrun, rank 0 alone prints it). Bad names and values
+are rejected before any work, with exit status 2; a run that fails (a non-finite loss) exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+from .config import PROFILE_KEYS, VARIANT_KEYS, ConfigError, check_spec
 from .variants import check_name, paper_reference, profiles, resolve, variants
 
 
@@ -56,24 +59,47 @@ def run_overrides(args) -> dict:
     return overrides
 
 
-def cmd_train(args) -> dict:
+def train_options(args) -> dict:
+    """The keyword arguments of `train` that the train and sweep commands share."""
+    for flag, path in (("--run-root", args.run_root), ("--cache-dir", args.cache_dir)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise ConfigError(flag, str(path), "must be a directory (it exists as a file)")
+    return {"run_root": args.run_root, "cache_dir": args.cache_dir, "progress": not args.no_progress}
+
+
+def cmd_train(args) -> dict | None:
     from .train import train
 
     cfg = resolve(args.variant, args.profile, args.seed, run_overrides(args))
-    return train(cfg, run_root=args.run_root, cache_dir=args.cache_dir, progress=not args.no_progress)
+    return train(cfg, **train_options(args))
+
+
+def cmd_sweep(args) -> dict | None:
+    """Train this machine's slice of variants x seeds: run j of the product when j % N == I."""
+    from .train import train
+
+    index, count = args.shard
+    pairs = [(v, s) for v in args.variant for s in args.seed][index::count]
+    configs = [resolve(v, args.profile, s, run_overrides(args)) for v, s in pairs]  # all validated first
+    options = train_options(args)
+    results = [train(cfg, **options) for cfg in configs]
+    keys = ("run_dir", "variant", "seed", "val_loss", "val_ppl", "cached")
+    return {"profile": args.profile, "shard": f"{index}/{count}",
+            "runs": [{k: r[k] for k in keys} for r in results if r is not None]}
 
 
 def cmd_eval(args) -> dict:
     from .data import prepare_data, val_batches
     from .evaluate import evaluate, load_model
-    from .train import default_cache_dir
+    from .train import default_cache_dir, require_device
     from .trajectory import Interventions
 
     run = Path(args.run_dir)
-    if args.halt_eps < 0:
-        raise ConfigError("--halt-eps", args.halt_eps, "must be >= 0")
+    if not (math.isfinite(args.halt_eps) and args.halt_eps >= 0):
+        raise ConfigError("--halt-eps", args.halt_eps, "must be a finite number >= 0")
+    require_device("--device", args.device)
     if not (run / "final.safetensors").exists():
-        raise SystemExit(f"error: {run} holds no finished run (no final.safetensors)")
+        raise ConfigError("run_dir", str(run), "holds no finished run (no final.safetensors)")
     model, cfg = load_model(run, args.device)
     t = cfg.train
     data = prepare_data(cfg.data.corpus, cfg.data.vocab_size, args.cache_dir or default_cache_dir())
@@ -90,6 +116,23 @@ def cmd_book(args) -> dict:
     return build_book(args.profile, html=not args.no_html)
 
 
+def shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise argparse.ArgumentTypeError(f"invalid shard {text!r}: write I/N with 0 <= I < N, e.g. 0/4")
+    return int(match[1]), int(match[2])
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, help="override the profile's number of steps")
+    p.add_argument("--corpus", help="override the profile's corpus")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--run-root", type=Path, help="where run directories live (default ./runs)")
+    p.add_argument("--cache-dir", type=Path, help="tokenizer/token cache (default ./.cache/moe_core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moe_core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,15 +144,16 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--profile", required=True)
     train = sub.choices["train"]
     train.add_argument("--seed", type=int, default=42)
-    train.add_argument("--steps", type=int, help="override the profile's number of steps")
-    train.add_argument("--corpus", help="override the profile's corpus")
-    train.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    train.add_argument("--run-root", type=Path, help="where run directories live (default ./runs)")
-    train.add_argument("--cache-dir", type=Path, help="tokenizer/token cache (default ./.cache/moe_core)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_flags(train)
+    sweep = sub.add_parser("sweep", help="train one machine's slice (--shard I/N) of variants x seeds")
+    sweep.add_argument("--variant", nargs="+", required=True)
+    sweep.add_argument("--profile", required=True)
+    sweep.add_argument("--seed", type=int, nargs="+", default=[42])
+    sweep.add_argument("--shard", type=shard, default=(0, 1), help="I/N: train runs j with j %% N == I (default 0/1)")
+    add_run_flags(sweep)
     ev = sub.add_parser("eval", help="re-evaluate a finished run on its validation batches")
     ev.add_argument("run_dir")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--cache-dir", type=Path)
     ev.add_argument("--halt-eps", type=float, default=0.0, help="relative-norm halting threshold")
     ev.add_argument("--freeze-routing", action="store_true", help="reuse the hop-0 routing at every hop")
@@ -120,24 +164,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_names(args) -> None:
+    """The variants and profile asked for exist and their YAML entries are well formed."""
+    if args.command not in ("params", "train", "sweep"):
+        return
+    check_name("profile", args.profile, profiles())
+    check_spec(f"profile {args.profile}", profiles()[args.profile], PROFILE_KEYS, required=("scale",))
+    for variant in args.variant if args.command == "sweep" else [args.variant]:
+        check_name("variant", variant, variants())
+        check_spec(f"variant {variant}", variants()[variant], VARIANT_KEYS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("params", "train"):
-        try:
-            check_name("variant", args.variant, variants())
-            check_name("profile", args.profile, profiles())
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     from .data import CorpusUnavailable
+    from .train import RunFailed, World
 
-    commands = {"list": cmd_list, "params": cmd_params, "train": cmd_train, "eval": cmd_eval, "book": cmd_book}
+    commands = {"list": cmd_list, "params": cmd_params, "train": cmd_train, "sweep": cmd_sweep,
+                "eval": cmd_eval, "book": cmd_book}
     try:
+        reports = World.from_env().main
+        check_names(args)
         result = commands[args.command](args)
     except (ConfigError, CorpusUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result is not None and reports:
+        print(json.dumps(result))
     return 0
 
 

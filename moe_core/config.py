@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "ffn": ("moe", "dense"),
     "expert": ("rank", "swiglu"),
-    "router": ("cosine", "linear", "hash"),
+    "router": ("cosine", "linear", "hash", "recurrent"),
     "hash_key": ("token", "position"),
     "residual": ("accum", "literal"),
     "magnitude_scope": ("global", "layer"),
@@ -55,9 +56,9 @@ class ModelConfig:
     n_experts: int = 1024
     expert_rank: int = 1
     expert_d_ff: int = 0  # hidden width of a SwiGLU expert
-    expert_backend: str = "auto"  # fast path (rank: gather/masked, swiglu: sorted) or "loop" reference
+    expert_backend: str = "auto"  # fast path (rank: gather/masked, swiglu: sorted/masked) or "loop" reference
     # --- routing
-    router: str = "cosine"  # "cosine" (ST-MoE, X-MoE-like), "linear" (standard gate), "hash"
+    router: str = "cosine"  # "cosine" (ST-MoE, X-MoE-like), "linear" (standard gate), "hash", "recurrent"
     top_k: int = 12
     hops: tuple[int, ...] = (1,)  # hop count per layer; one value applies to every layer
     d_space: int = 64
@@ -67,6 +68,7 @@ class ModelConfig:
     router_per_hop: bool = False  # decoupled routing: one proj_in per hop
     router_block: int = 1  # consecutive layers sharing one router (PathMoE B; 1 = independent)
     router_lowrank: int = 0  # LowRank-MoE rank r: W_l = W_base + A_l B_l (0 = off)
+    router_hidden: int = 128  # Recurrent-MoE: GRU state size carried across layers
     kinematic_vectors: bool = False  # allocate the paper's unused M x d_space navigation vectors
     hash_key: str = "token"  # what the hash router hashes: token id (Roller et al.) or position
     renormalize: bool = True  # renormalise the top-k probabilities to sum to one
@@ -200,16 +202,33 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def _typed_fields(cfg: RunConfig):
+    """(key, value) of every field, after checking that each has its default's type."""
+    for section in ("model", "train", "data"):
+        obj = getattr(cfg, section)
+        for f in fields(obj):
+            key, value = f"{section}.{f.name}", getattr(obj, f.name)
+            _coerce(key, value, f.default)
+            yield key, value
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Reject impossible or inconsistent settings before any work starts."""
+    from .data import CORPORA  # imported here: data imports the store, which imports this module
+
     m, t, d = cfg.model, cfg.train, cfg.data
+    values = dict(_typed_fields(cfg))
+    _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed < 2**63,
+             "seed", cfg.seed, "must be an integer in [0, 2**63)")
+    _require(d.corpus in CORPORA, "data.corpus", d.corpus, f"unknown corpus; valid corpora: {', '.join(CORPORA)}")
+    _require(d.vocab_size >= 257, "data.vocab_size", d.vocab_size, "must be >= 257 (256 bytes + end-of-text)")
     for section, obj in (("model", m), ("train", t)):
         for name, choices in CHOICES.items():
             if hasattr(obj, name):
                 value = getattr(obj, name)
                 _require(value in choices, f"{section}.{name}", value, f"choose one of {', '.join(choices)}")
     positive = {
-        "data.vocab_size": d.vocab_size, "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_heads": m.n_heads,
         "model.n_layers": m.n_layers, "model.max_seq_len": m.max_seq_len,
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
         "train.accum_steps": t.accum_steps, "train.eval_every": t.eval_every,
@@ -218,8 +237,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     }
     for key, value in positive.items():
         _require(value >= 1, key, value, "must be >= 1")
-    _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and cfg.seed >= 0,
-             "seed", cfg.seed, "must be a non-negative integer")
+    for key, value in values.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            _require(value >= 0, key, value, "must be >= 0")
+        if isinstance(value, float):
+            _require(math.isfinite(value), key, value, "must be a finite number")
     _require(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads, f"must divide d_model={m.d_model}")
     _require((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads,
              "head dimension d_model/n_heads must be even (RoPE rotates pairs)")
@@ -229,10 +251,12 @@ def validate(cfg: RunConfig) -> RunConfig:
              f"must equal data.vocab_size={d.vocab_size}")
     _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
-    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
     for key in ("weight_decay", "grad_clip", "balance_coef", "z_loss_coef"):
         _require(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
-    _require(t.telemetry_seqs >= 0, "train.telemetry_seqs", t.telemetry_seqs, "must be >= 0")
+    for key in ("beta1", "beta2"):
+        _require(0.0 <= getattr(t, key) < 1.0, f"train.{key}", getattr(t, key), "must be in [0, 1)")
+    _require(t.eps > 0, "train.eps", t.eps, "must be > 0")
+    _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     if m.ffn == "dense":
         _require(m.d_ff >= 1, "model.d_ff", m.d_ff, "a dense FFN needs d_ff >= 1")
         return cfg
@@ -248,8 +272,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "rank experts take auto, gather, masked or loop")
     else:
         _require(m.expert_d_ff >= 1, "model.expert_d_ff", m.expert_d_ff, "SwiGLU experts need expert_d_ff >= 1")
-        _require(m.expert_backend in ("auto", "sorted", "loop"), "model.expert_backend", m.expert_backend,
-                 "SwiGLU experts take auto, sorted or loop")
+        _require(m.expert_backend in ("auto", "sorted", "masked", "loop"), "model.expert_backend", m.expert_backend,
+                 "SwiGLU experts take auto, sorted, masked or loop")
     _require(1 <= m.router_block <= m.n_layers and m.n_layers % m.router_block == 0, "model.router_block",
              m.router_block, f"must divide n_layers={m.n_layers}")
     if m.router == "cosine":
@@ -261,11 +285,37 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.router == "hash":
         _require(not m.router_frozen and m.router_block == 1 and m.router_lowrank == 0, "model.router", "hash",
                  "the hash router has no parameters to freeze, share or factorise")
-    _require(m.router_lowrank >= 0, "model.router_lowrank", m.router_lowrank, "must be >= 0")
+    if m.router == "recurrent":
+        _require(m.router_block == 1 and not m.router_frozen, "model.router", "recurrent",
+                 "the recurrent router is one GRU across all layers: no block sharing or freezing")
+        _require(m.router_hidden >= 1, "model.router_hidden", m.router_hidden, "must be >= 1")
     if m.router_lowrank:
         _require(m.router == "linear" and m.router_block == 1, "model.router_lowrank", m.router_lowrank,
                  "LowRank-MoE needs router=linear and router_block=1")
     return cfg
+
+
+PROFILE_KEYS = ("description", "scale", "model", "train", "data")
+VARIANT_KEYS = ("description", "model", "train", "data")
+
+
+def check_spec(where: str, spec: Any, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    """Reject a profile or variant entry (YAML) with unknown or missing keys or ill-typed sections.
+
+    The keys inside `model`/`train`/`data` are checked by `build` when the entry is resolved.
+    """
+    _require(isinstance(spec, dict), where, spec, f"must be a mapping with keys among {', '.join(allowed)}")
+    for key, value in spec.items():
+        _require(key in allowed, f"{where}.{key}", value, f"unknown key; valid keys: {', '.join(allowed)}")
+        if key == "description":
+            _require(isinstance(value, str), f"{where}.{key}", value, "must be a string")
+        else:
+            _require(isinstance(value, dict), f"{where}.{key}", value, "must be a mapping")
+    for key in required:
+        _require(key in spec, f"{where}.{key}", None, "is required")
+    for name, value in spec.get("scale", {}).items():
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{where}.scale.{name}",
+                 value, "must be an integer >= 1")
 
 
 def config_hash(cfg: RunConfig, extra: dict | None = None) -> str:

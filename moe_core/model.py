@@ -120,6 +120,9 @@ class MoETransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 iv: Interventions | None = None) -> ModelOutput:
         iv = iv or Interventions()
+        for router in self.routers:  # a recurrent router starts each forward pass from a zero state
+            if hasattr(router, "reset"):
+                router.reset()
         x = self.drop(self.embed(tokens))
         out = ModelOutput(logits=None, loss=None)
         hops = []

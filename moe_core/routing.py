@@ -123,6 +123,32 @@ class LowRankRouter(ScoreRouter):
         return h @ self.weight.float().T + (h @ self.lora_b[layer].float().T) @ self.lora_a[layer].float().T
 
 
+class RecurrentRouter(ScoreRouter):
+    """Recurrent-MoE (RMoE, Qiu et al. 2024): a GRU over depth carries a routing state across layers.
+
+    Layer l projects its state h_l to x_l = W1_l h_l, updates r_l = GRU(x_l, r_{l-1}) with r = 0 before
+    the first routing call of a forward pass, and scores experts with z_l = W2_l r_l. The state lives on
+    the router for the duration of one forward pass: the model calls `reset()` first, then the layers
+    route in order.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, n_layers: int, hidden: int, renormalize: bool = True):
+        super().__init__(top_k, renormalize)
+        self.w_in = nn.Parameter(torch.empty(n_layers, hidden, d_model))
+        self.w_out = nn.Parameter(torch.empty(n_layers, n_experts, hidden))
+        self.gru = nn.GRUCell(hidden, hidden)
+        nn.init.normal_(self.w_in, std=0.02)
+        nn.init.normal_(self.w_out, std=0.02)
+        self.state: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def logits(self, h, layer, hop):  # called by decide(), outside autocast
+        self.state = self.gru(h @ self.w_in[layer].float().T, self.state)
+        return self.state @ self.w_out[layer].float().T
+
+
 _HASH_P = 2_147_483_647  # the Mersenne prime 2^31 - 1: products of two residues fit in int64
 
 
@@ -168,6 +194,9 @@ def build_routers(cfg: ModelConfig) -> tuple[nn.ModuleList, list[int]]:
         return nn.ModuleList([HashRouter(cfg.n_experts, cfg.top_k)]), [0] * L
     if cfg.router_lowrank:
         router = LowRankRouter(cfg.d_model, cfg.n_experts, cfg.top_k, L, cfg.router_lowrank, cfg.renormalize)
+        return nn.ModuleList([router]), [0] * L
+    if cfg.router == "recurrent":
+        router = RecurrentRouter(cfg.d_model, cfg.n_experts, cfg.top_k, L, cfg.router_hidden, cfg.renormalize)
         return nn.ModuleList([router]), [0] * L
     routers = []
     for block in range(L // B):

@@ -1,19 +1,33 @@
-"""The trainer: AdamW, warmup + cosine, clipping, accumulation, evaluation, checkpoints, resume.
+"""The trainer: AdamW, warmup + cosine, clipping, accumulation, evaluation, checkpoints, resume,
+and DistributedDataParallel under torchrun.
 
-`train(cfg)` is idempotent: a finished run returns its stored results without training, and an
-interrupted one resumes from its latest intact checkpoint and ends exactly where an
-uninterrupted run would (the batch at each step is a pure function of the seed).
+`train(cfg)` is idempotent and crash-safe: a finished run returns its stored results without
+training; a run killed at any point (SIGKILL included) resumes on the next call from its newest
+intact checkpoint and ends exactly where an uninterrupted run would, because the batch and the
+dropout masks of every step are pure functions of the seed and the step, and a checkpoint holds
+the rest (weights, optimizer, how much of metrics.jsonl it has seen). One process at a time
+trains a run (a file lock); a non-finite loss stops the run for good, recorded in status.json.
+
+Under torchrun (WORLD_SIZE > 1) each rank takes an equal share of the same global batch a single
+process would use, DDP averages the gradients, and only rank 0 writes to the run store.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import hashlib
 import json
 import math
 import os
+import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import store
@@ -24,6 +38,12 @@ from .model import MoETransformer
 from .params import count_parameters
 from .routing import router_z_loss, switch_balance_loss
 from .trajectory import HopEvent
+
+TRAIN, FINISHED, FAILED = 0, 1, 2  # what rank 0 found in the run directory
+
+
+class RunFailed(RuntimeError):
+    """A run stopped for good (a non-finite loss); its status.json says why and where."""
 
 
 def default_run_root() -> Path:
@@ -75,126 +95,289 @@ def auxiliary_loss(events: list[HopEvent], cfg: RunConfig) -> tuple[torch.Tensor
     return balance, z
 
 
-class Trainer:
-    """One run: its data, model, optimizer and run directory."""
+class Objective(torch.nn.Module):
+    """The training loss of one batch as a module, so that DDP and torch.compile see tensors only.
 
-    def __init__(self, cfg: RunConfig, run_root: Path, cache_dir: Path, progress: bool = True):
-        self.cfg, self.progress = validate(cfg), progress
-        self.run = store.run_dir(cfg, run_root)
-        self.device = resolve_device(cfg.train.device)
+    Returns (loss to differentiate, cross-entropy, balance loss); the last two are detached.
+    """
+
+    def __init__(self, model: MoETransformer, cfg: RunConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = self.cfg.train
+        out = self.model(x, y)
+        balance, z = (v.to(out.loss.device) for v in auxiliary_loss(out.events, self.cfg))
+        loss = out.loss + t.balance_coef * balance + t.z_loss_coef * z
+        return loss, out.loss.detach(), balance.detach()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one step on one rank: dropout masks are a pure function of (seed, step, rank),
+    like the batches, so resuming needs no saved RNG state and ranks draw independent masks."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "little")
+
+
+# ----------------------------------------------------------------- torchrun
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a torchrun job; the defaults are a plain single process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "World":
+        """Read torchrun's RANK, LOCAL_RANK and WORLD_SIZE (absent: a single process)."""
+        values = {}
+        for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            raw = os.environ.get(key, default)
+            try:
+                values[key] = int(raw)
+            except ValueError:
+                raise ConfigError(key, raw, "must be an integer (torchrun sets it)") from None
+        world = cls(values["RANK"], values["LOCAL_RANK"], values["WORLD_SIZE"])
+        if not 0 <= world.rank < world.size or world.local_rank < 0:
+            raise ConfigError("RANK", world.rank, f"must be in [0, WORLD_SIZE={world.size}) with LOCAL_RANK >= 0")
+        return world
+
+
+def require_device(key: str, name: str) -> None:
+    """Reject a CUDA request on a machine without CUDA before any work."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(key, name, "CUDA is not available on this machine; choose auto or cpu")
+
+
+def pick_device(name: str, world: World) -> torch.device:
+    """`name` resolved; under torchrun on GPUs, the GPU of this process's local rank."""
+    require_device("train.device", name)
+    device = resolve_device(name)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def join_process_group(world: World, device: torch.device) -> None:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) once per process, and leave it at
+    exit: joining again after leaving races with ranks that have not left yet."""
+    if world.size > 1 and not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        atexit.register(dist.destroy_process_group)
+
+
+def agree(value: int, world: World, device: torch.device) -> int:
+    """Rank 0's `value`, on every rank."""
+    if world.size == 1:
+        return value
+    box = torch.tensor([value], device=device)
+    dist.broadcast(box, src=0)
+    return int(box.item())
+
+
+# ------------------------------------------------------------------ trainer
+
+class Trainer:
+    """One run: its data, model, optimizer and run directory, on one rank."""
+
+    def __init__(self, cfg: RunConfig, run_root: Path, cache_dir: Path, progress: bool = True,
+                 world: World = World()):
+        self.cfg, self.progress, self.world = validate(cfg), progress, world
         t = cfg.train
-        self.data = prepare_data(cfg.data.corpus, cfg.data.vocab_size, cache_dir)
+        if t.accum_steps % world.size and t.batch_size % world.size:
+            raise ConfigError("WORLD_SIZE", world.size,
+                              f"must divide train.accum_steps={t.accum_steps} or train.batch_size={t.batch_size}")
+        self.run = store.run_dir(cfg, run_root)
+        self.device = pick_device(t.device, world)
+        self.data = self.load_data(cache_dir)
         self.stream = TrainStream(self.data.train, t.seq_len, t.batch_size, cfg.seed, t.accum_steps)
-        try:
-            self.val = val_batches(self.data.validation, t.seq_len, t.eval_batch_size, t.eval_batches)
-        except ValueError as e:  # the corpus decides how many validation batches exist
-            raise ConfigError("train.eval_batches", t.eval_batches, str(e)) from e
+        self.val = self.validation_slice("train.eval_batches", t.eval_batch_size, t.eval_batches)
+        self.telemetry = None
+        if cfg.model.ffn == "moe" and t.telemetry_seqs:
+            self.telemetry = self.validation_slice("train.telemetry_seqs", t.telemetry_seqs, 1)[0][0]
         torch.manual_seed(cfg.seed)
         self.model = MoETransformer(cfg.model).to(self.device)
         self.optimizer = make_optimizer(self.model, t, self.device)
-        self.step_fn = torch.compile(self.model) if t.compile else self.model
-        self.train_seconds = 0.0
+        self.objective = Objective(self.model, cfg)
+        if world.size > 1:  # static_graph: the unused kinematic vectors are found once, not every step
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[self.device] if self.device.type == "cuda" else None, static_graph=True)
+        self.step_fn = torch.compile(self.objective) if t.compile else self.objective
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # every step since `checked` so far
+        self.checked, self.train_seconds = 0, 0.0
+
+    def load_data(self, cache_dir: Path):
+        """Tokenizer and token caches, built by local rank 0 of each machine before the others read them."""
+        first = self.world.local_rank == 0
+        if not first:
+            dist.barrier()
+        data = prepare_data(self.cfg.data.corpus, self.cfg.data.vocab_size, cache_dir)
+        if first and self.world.size > 1:
+            dist.barrier()
+        return data
+
+    def validation_slice(self, key: str, batch_size: int, n_batches: int):
+        try:
+            return val_batches(self.data.validation, self.cfg.train.seq_len, batch_size, n_batches)
+        except ValueError as e:  # the corpus decides how many validation sequences exist
+            raise ConfigError(key, getattr(self.cfg.train, key.split(".")[1]), str(e)) from e
 
     def log(self, record: dict) -> None:
         with open(self.run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def resume(self) -> int:
-        """Load the latest intact checkpoint; drop metrics logged after it. Returns its step."""
-        found = store.latest_checkpoint(self.run)
-        if found is None:
-            (self.run / "metrics.jsonl").unlink(missing_ok=True)
-            return 0
-        meta, tensors = found
-        store.restore_checkpoint(meta, tensors, self.model, self.optimizer)
-        self.train_seconds = meta["train_seconds"]
+        """Restore the newest intact checkpoint (rank 0 picks it, every rank loads it) and cut
+        metrics.jsonl back to what it held then, a half-written last line included. Returns its step."""
+        found = store.latest_checkpoint(self.run) if self.world.main else None
+        step = agree(found[0]["step"] if found else 0, self.world, self.device)
+        if step and found is None:
+            found = store.load_checkpoint(self.run, step)
+        metrics_bytes = 0
+        if found:
+            meta, tensors = found
+            store.restore_checkpoint(meta, tensors, self.model, self.optimizer)
+            self.train_seconds, metrics_bytes = meta["train_seconds"], meta["metrics_bytes"]
         path = self.run / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= meta["step"]]
-            store.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(f"{k}\n" for k in kept)))
-        return meta["step"]
+        if self.world.main and path.exists():
+            kept = path.read_bytes()[:metrics_bytes]
+            store.atomic_write(path, lambda tmp: Path(tmp).write_bytes(kept))
+        self.checked = step
+        return step
+
+    def check_finite(self, step: int) -> None:
+        """Stop for good if the loss or gradient norm was non-finite at any step since the last check.
+
+        Checkpoints are written only after this check passes, so the newest one predates the damage.
+        """
+        if bool(self.finite):
+            self.checked = step
+            return
+        reason = f"non-finite loss or gradient norm after step {self.checked} (detected at step {step})"
+        if self.world.main:
+            last = store.checkpoint_steps(self.run)
+            store.write_status(self.run, "failed", step=step, reason=reason, last_checkpoint=last[-1] if last else None)
+        raise RunFailed(f"{self.run.name}: {reason}; training stopped, the last good checkpoint is kept in {self.run} "
+                        f"and status.json records the failure. Try a lower train.lr (a new run).")
 
     def checkpoint(self, step: int) -> None:
-        store.save_checkpoint(self.run, step, self.model, self.optimizer, {"train_seconds": self.train_seconds})
+        self.check_finite(step)
+        if self.world.main:
+            metrics = self.run / "metrics.jsonl"
+            state = {"train_seconds": self.train_seconds, "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
+            store.save_checkpoint(self.run, step, self.model, self.optimizer, state)
+
+    def shard(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the global batch of `step` (the single-process batch): micro-batches
+        r, r+W, ... when the world size W divides accum_steps, so every micro-batch, balance loss
+        included, is the single-process one; otherwise rows r::W of every micro-batch."""
+        t, r, w = self.cfg.train, self.world.rank, self.world.size
+        if t.accum_steps % w == 0:
+            return [self.stream.batch(step, m) for m in range(r, t.accum_steps, w)]
+        return [(x[r::w], y[r::w]) for x, y in (self.stream.batch(step, m) for m in range(t.accum_steps))]
+
+    def no_sync(self, skip: bool):
+        """DDP syncs gradients on the last micro-batch of a step only."""
+        return self.objective.no_sync() if skip and self.world.size > 1 else contextlib.nullcontext()
+
+    def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world.size > 1:
+            dist.all_reduce(values)
+            values = values / self.world.size
+        return values
 
     def train_step(self, step: int) -> dict:
-        t, cfg = self.cfg.train, self.cfg
+        """One optimizer step on this rank's share of the global batch; the stats are global means."""
+        t = self.cfg.train
         lr = lr_at(step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        ce_sum, balance_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for micro in range(t.accum_steps):
-            x, y = self.stream.batch(step, micro)
-            with autocast_for(self.device, t.precision):
-                out = self.step_fn(x.to(self.device), y.to(self.device))
-                balance, z = auxiliary_loss(out.events, cfg)
-                loss = out.loss + t.balance_coef * balance.to(self.device) + t.z_loss_coef * z.to(self.device)
-            (loss / t.accum_steps).backward()
-            ce_sum += out.loss.detach()
-            balance_sum += balance.detach().to(self.device)
+        torch.manual_seed(step_seed(self.cfg.seed, step, self.world.rank))
+        shares = self.shard(step)
+        sums = torch.zeros(2, device=self.device)
+        for i, (x, y) in enumerate(shares):
+            with self.no_sync(i < len(shares) - 1):
+                with autocast_for(self.device, t.precision):
+                    loss, ce, balance = self.step_fn(x.to(self.device), y.to(self.device))
+                (loss / len(shares)).backward()
+            sums += torch.stack((ce, balance))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = {"loss": ce_sum / t.accum_steps, "balance": balance_sum / t.accum_steps, "grad_norm": grad_norm, "lr": lr}
+        ce, balance = self.mean_over_ranks(sums / len(shares))
+        stats = {"loss": ce, "balance": balance, "grad_norm": grad_norm, "lr": lr}
         if self.model.alpha is not None:  # the Magnitude Hack's scalar, for its trajectory
             stats["alpha"] = self.model.alpha.detach().mean()
         return stats
 
     def fit(self, stop_at: int | None = None) -> dict | None:
-        """Train to the end (or to `stop_at`, leaving a checkpoint). Returns results when finished."""
-        t, cfg = self.cfg.train, self.cfg
-        self.run.mkdir(parents=True, exist_ok=True)
-        store.write_json(self.run / "config.json", {"config": cfg.to_dict(), "versions": store.code_versions()})
+        """Train to the end (or to `stop_at`, leaving a checkpoint). Returns results when finished (rank 0)."""
+        t, cfg, main = self.cfg.train, self.cfg, self.world.main
+        if main:
+            store.write_json(self.run / "config.json", {"config": cfg.to_dict(), "versions": store.code_versions()})
         start = self.resume()
+        if main:
+            store.write_status(self.run, "running", step=start, host=socket.gethostname(), pid=os.getpid(),
+                               world_size=self.world.size)
         self.model.train()
         log_every = max(1, t.steps // 200)
-        bar = tqdm(total=t.steps, initial=start, disable=not self.progress, unit="step", file=sys.stderr,
+        bar = tqdm(total=t.steps, initial=start, disable=not (self.progress and main), unit="step", file=sys.stderr,
                    desc=f"{cfg.variant}/{cfg.profile}/s{cfg.seed}", dynamic_ncols=True, mininterval=1.0)
         tokens_done, tick = 0, time.perf_counter()
         try:
             for step in range(start, t.steps):
                 if stop_at is not None and step >= stop_at:
                     self.checkpoint(step)
+                    if main:
+                        store.write_status(self.run, "paused", step=step)
                     return None
                 stats = self.train_step(step)
+                self.finite &= torch.isfinite(stats["loss"]) & torch.isfinite(stats["grad_norm"])
                 tokens_done += t.tokens_per_step
                 done = step + 1
                 if done % log_every == 0 or done == t.steps:
+                    self.check_finite(done)
                     now = time.perf_counter()
                     self.train_seconds += now - tick
                     record = {"step": done, **{k: float(v) for k, v in stats.items()},
                               "tokens_per_s": tokens_done / (now - tick), "train_seconds": self.train_seconds}
-                    if not math.isfinite(record["loss"]):
-                        store.write_json(self.run / "status.json", {"state": "failed", "step": done,
-                                                                    "reason": "non-finite loss"})
-                        raise FloatingPointError(f"loss became {record['loss']} at step {done}; the last good "
-                                                 f"checkpoint is kept in {self.run}")
-                    self.log(record)
+                    if main:
+                        self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{math.exp(min(record['loss'], 50)):.1f}",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
                     tokens_done, tick = 0, time.perf_counter()
                 if done % t.eval_every == 0 and done < t.steps:
-                    result = evaluate(self.model, self.val, self.device, t.precision)
-                    self.log({"step": done, "val_loss": result["val_loss"], "val_ppl": result["val_ppl"]})
-                    bar.write(f"step {done}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
+                    self.check_finite(done)
+                    if main:
+                        result = evaluate(self.model, self.val, self.device, t.precision)
+                        self.log({"step": done, "val_loss": result["val_loss"], "val_ppl": result["val_ppl"]})
+                        bar.write(f"step {done}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
                     tick = time.perf_counter()
-                if done % t.checkpoint_every == 0 and done < t.steps:
+                if done % t.checkpoint_every == 0 or done == t.steps:  # the last one covers finish()
                     self.checkpoint(done)
                     tick = time.perf_counter()
                 bar.update(1)
         finally:
             bar.close()
-        return self.finish()
+        return self.finish() if main else None
 
     def finish(self) -> dict:
+        """Final evaluation and the result files; results.json is written last, then checkpoints go."""
         cfg, t = self.cfg, self.cfg.train
         final = evaluate(self.model, self.val, self.device, t.precision)
         self.log({"step": t.steps, "val_loss": final["val_loss"], "val_ppl": final["val_ppl"]})
         store.write_json(self.run / "val_batch_losses.json", final["batch_losses"])
-        if cfg.model.ffn == "moe" and t.telemetry_seqs:
-            seqs = val_batches(self.data.validation, t.seq_len, t.telemetry_seqs, 1)[0][0]
+        if self.telemetry is not None:
             store.write_tensors(self.run / "telemetry.safetensors",
-                                routing_telemetry(self.model, seqs, self.device, t.precision))
+                                routing_telemetry(self.model, self.telemetry, self.device, t.precision))
         store.write_tensors(self.run / "final.safetensors", self.model.state_dict())
         params = count_parameters(cfg.model)
         results = {
@@ -203,22 +386,54 @@ class Trainer:
             "tokens": t.steps * t.tokens_per_step, "train_seconds": self.train_seconds,
             "tokens_per_s": t.steps * t.tokens_per_step / max(self.train_seconds, 1e-9),
             "params_total": params["total"], "params_routing": params["routing"],
-            "device": str(self.device), "versions": store.code_versions(),
+            "device": str(self.device), "world_size": self.world.size, "versions": store.code_versions(),
         }
+        store.write_status(self.run, "finished", step=t.steps)
+        store.write_json(self.run / "results.json", results)
         for old in self.run.glob("ckpt-*"):
             old.unlink()
-        store.write_json(self.run / "status.json", {"state": "finished", "step": t.steps})
-        store.write_json(self.run / "results.json", results)
         return results
+
+
+def inspect_run(run: Path) -> int:
+    """Rank 0, holding the run's lock: tidy what a killed process left and say what to do."""
+    removed = store.clean_partial(run)
+    if removed:
+        print(f"{run.name}: removed the leftovers of an interrupted process: {', '.join(removed)}",
+              file=sys.stderr, flush=True)
+    if (run / "results.json").exists():
+        return FINISHED
+    status = store.read_status(run)
+    if status.get("state") == "failed":
+        return FAILED
+    if status.get("state") == "running":
+        print(f"{run.name}: the process that trained it (pid {status.get('pid')} on {status.get('host')}) stopped "
+              f"without finishing; resuming from the newest intact checkpoint", file=sys.stderr, flush=True)
+    return TRAIN
 
 
 def train(cfg: RunConfig, run_root: str | Path | None = None, cache_dir: str | Path | None = None,
           progress: bool = True, stop_at: int | None = None) -> dict | None:
-    """Train `cfg` (or return its stored results with cached=True). `stop_at` pauses at a step."""
+    """Train `cfg` (or return its stored results with cached=True). `stop_at` pauses at a step.
+
+    Under torchrun every rank calls this; rank 0 returns the results, the other ranks None.
+    """
+    cfg = validate(cfg)
     run_root = Path(run_root) if run_root else default_run_root()
-    done = store.run_dir(validate(cfg), run_root) / "results.json"
-    if done.exists():
-        return {**store.read_json(done), "cached": True}
-    trainer = Trainer(cfg, run_root, Path(cache_dir) if cache_dir else default_cache_dir(), progress)
-    results = trainer.fit(stop_at=stop_at)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    run, world = store.run_dir(cfg, run_root), World.from_env()
+    if (run / "results.json").exists():
+        return {**store.read_json(run / "results.json"), "cached": True} if world.main else None
+    device = pick_device(cfg.train.device, world)
+    join_process_group(world, device)
+    trainer = Trainer(cfg, run_root, cache_dir, progress, world)  # data checks come before any file is written
+    with store.locked(run) if world.main else contextlib.nullcontext():
+        state = agree(inspect_run(run) if world.main else TRAIN, world, device)
+        if state == FINISHED:  # another process finished it while this one waited for the lock
+            return {**store.read_json(run / "results.json"), "cached": True} if world.main else None
+        if state == FAILED:
+            reason = store.read_status(run)["reason"] if world.main else "see rank 0"
+            raise RunFailed(f"{run} failed earlier ({reason}); remove its status.json to retry from its last "
+                            f"good checkpoint, or change the configuration")
+        results = trainer.fit(stop_at=stop_at)
     return None if results is None else {**results, "cached": False}

@@ -42,6 +42,7 @@ class Interventions:
     freeze_routing: bool = False  # reuse the hop-0 routing at every hop
     zero_moe: bool = False  # the MoE layer outputs zero (expert-contribution test)
     trace: bool = False  # keep every hop's update dh in the events
+    expert_permutation: list[torch.Tensor] | None = None  # per layer: expert id e is replaced by perm[e]
 
 
 class MoELayer(nn.Module):
@@ -70,6 +71,9 @@ class MoELayer(nn.Module):
                 routing = events[0].routing
             else:
                 routing = router.decide(x + h_accum, self.layer, hop, keys)
+                if iv.expert_permutation is not None:  # robustness test: scramble which expert gets a slot
+                    perm = iv.expert_permutation[self.layer].to(routing.idx.device)
+                    routing = Routing(perm[routing.idx], routing.weights, routing.probs, routing.logits)
             dh = self.experts(x + h_accum, routing.idx, routing.weights)
             if iv.halt_eps > 0:
                 dh = dh * active.unsqueeze(-1).to(dh.dtype)

@@ -81,14 +81,17 @@ def resolve(variant: str, profile: str, seed: int = 42, overrides: dict | None =
     hops = var.get("model", {}).get("hops")
     if "hops" not in overrides.get("model", {}) and hops and len(hops) > 1:
         sections["model"]["hops"] = resample_hops(hops, sections["model"].get("n_layers", scale["L"]))
+    if "vocab_size" in overrides.get("model", {}):
+        raise ConfigError("model.vocab_size", overrides["model"]["vocab_size"], "set data.vocab_size instead")
     data = build(DataConfig, sections["data"], "data")
     model_values = {**sections["model"], "vocab_size": data.vocab_size}
     derived = {k: v for k, v in model_values.items() if v in DERIVED}
-    model = build(ModelConfig, {k: v for k, v in model_values.items() if k not in derived}, "model")
-    for key, what in derived.items():
-        model = dataclasses.replace(model, **{key: _derive(what, model, profile)})
+    # validate with placeholder widths first, so deriving never runs on a broken config
+    model = build(ModelConfig, {**model_values, **{k: 1 for k in derived}}, "model")
     train = build(TrainConfig, sections["train"], "train")
-    cfg = RunConfig(model=model, train=train, data=data, seed=seed, variant=variant, profile=profile)
+    cfg = validate(RunConfig(model=model, train=train, data=data, seed=seed, variant=variant, profile=profile))
+    for key, what in derived.items():
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{key: _derive(what, cfg.model, profile)}))
     return validate(cfg)
 
 

@@ -36,12 +36,13 @@ def test_rank_experts_fast_paths_match_loop(path, n, d, m, rank, k):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["forward_sorted", "forward_masked"])
 @pytest.mark.parametrize("n,d,e,f,k", [(40, 16, 8, 12, 2), (33, 8, 16, 4, 4), (5, 8, 32, 8, 3)])
-def test_swiglu_sorted_path_matches_loop(n, d, e, f, k):
+def test_swiglu_fast_paths_match_loop(path, n, d, e, f, k):
     torch.manual_seed(n)
     bank = SwiGLUExperts(e, d, f, n_layers=2)
     inputs = routed_inputs(n, d, e, k, seed=e)
-    fast = outputs_and_grads(bank, "forward_sorted", *inputs)
+    fast = outputs_and_grads(bank, path, *inputs)
     slow = outputs_and_grads(bank, "forward_loop", *inputs)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

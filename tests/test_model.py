@@ -160,3 +160,15 @@ def test_paper_scale_derived_widths():
     linear = count_parameters(resolve("linear", "paper").model)["routing"]
     cosine = count_parameters(resolve("wide", "paper").model)["routing"]
     assert round(linear / cosine, 2) == 5.33  # the paper's "5.3x" / "80% fewer"
+
+
+def test_expert_permutation_relabels_the_routing():
+    model = build("path_b4")
+    n = model.cfg.n_experts
+    identity = [torch.arange(n)] * model.cfg.n_layers
+    torch.testing.assert_close(model(TOKENS, iv=Interventions(expert_permutation=identity)).logits, model(TOKENS).logits)
+    reverse = [torch.arange(n).flip(0)] * model.cfg.n_layers
+    scrambled = model(TOKENS, iv=Interventions(expert_permutation=reverse))
+    plain = model(TOKENS)
+    assert torch.equal(scrambled.events[0].routing.idx, n - 1 - plain.events[0].routing.idx)
+    assert not torch.allclose(scrambled.logits, plain.logits)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moe_core.model import MoETransformer
-from moe_core.routing import (CosineRouter, HashRouter, LinearRouter, LowRankRouter, Routing, hash_scores,
+from moe_core.routing import (CosineRouter, HashRouter, LinearRouter, LowRankRouter, RecurrentRouter, Routing, hash_scores,
                               router_z_loss, select_top_k, switch_balance_loss)
 from moe_core.variants import resolve
 
@@ -19,6 +19,7 @@ def routers():
         "linear": LinearRouter(D, M, K),
         "lowrank": LowRankRouter(D, M, K, n_layers=4, rank=2),
         "hash": HashRouter(M, K),
+        "recurrent": RecurrentRouter(D, M, K, n_layers=4, hidden=8),
     }
 
 
@@ -155,3 +156,30 @@ def test_router_z_loss_and_layer_pooled_balance():
     both = Routing(idx=torch.cat([r.idx, r2.idx]), weights=torch.cat([r.weights, r2.weights]),
                    probs=torch.cat([r.probs, r2.probs]), logits=None)
     torch.testing.assert_close(switch_balance_loss([r, r2], M), switch_balance_loss([both], M))
+
+
+def test_recurrent_router_carries_state_across_layers_and_resets_per_forward():
+    router = RecurrentRouter(D, M, K, n_layers=3, hidden=8)
+    h = torch.randn(N, D)
+    first = router.logits(h, 0, 0)
+    second = router.logits(h, 1, 0)  # same input, next layer: depends on the carried state
+    router.reset()
+    torch.testing.assert_close(router.logits(h, 0, 0), first)
+    fresh = RecurrentRouter(D, M, K, n_layers=3, hidden=8)
+    fresh.load_state_dict(router.state_dict())
+    fresh.reset()
+    fresh.logits(torch.zeros(N, D), 0, 0)  # a different layer-0 input changes layer 1's routing
+    assert not torch.allclose(fresh.logits(h, 1, 0), second)
+    model = MoETransformer(resolve("recurrent", "tiny").model).eval()
+    tokens = torch.randint(0, 512, (2, 16))
+    torch.testing.assert_close(model(tokens).logits, model(tokens).logits)  # no state leaks between passes
+
+
+def test_xmoe_variant_is_low_dimensional_cosine_routing_with_learned_temperature():
+    cfg = resolve("xmoe", "tiny").model
+    model = MoETransformer(cfg)
+    router = model.router_for_layer(0)
+    assert isinstance(router, CosineRouter) and router.log_tau.requires_grad
+    assert router.proj_in.shape[1] == cfg.d_space < cfg.d_model
+    shared = MoETransformer(resolve("path_b4_xmoe", "tiny").model)
+    assert len(shared.routers) == 1 and shared.router_for_layer(3) is shared.router_for_layer(0)

@@ -136,3 +136,15 @@ def test_cuda_bf16_training(tmp_path, cache):
     cfg = resolve("deep", "tiny", overrides={"train": {"steps": 10, "device": "cuda"}})
     result = train(cfg, tmp_path, cache, progress=False)
     assert result["device"].startswith("cuda") and result["val_loss"] < 6.3
+
+
+def test_sweep_trains_only_its_shard(tmp_path, cache, capsys):
+    from moe_core.__main__ import main
+
+    argv = ["sweep", "--variant", "hash", "dense_iso_flop", "--profile", "tiny", "--seed", "1", "2", "--shard", "1/2",
+            "--steps", "2", "--run-root", str(tmp_path), "--cache-dir", str(cache), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["shard"] == "1/2"
+    assert [(r["variant"], r["seed"]) for r in result["runs"]] == [("hash", 2), ("dense_iso_flop", 2)]
+    assert sorted(p.name.split("_s")[0] for p in tmp_path.iterdir()) == ["dense_iso_flop_tiny", "hash_tiny"]

@@ -1,0 +1,267 @@
+"""Routing paths across depth: the PathMoE paper's path analyses (PathMoE spec 4.1-4.4, 4.6).
+
+    record              routing_record                                  (4.0)
+    routing entropy     expert_usage_entropy, token_routing_entropy     (4.1 a, b)
+    path concentration  path_statistics, unique_paths_curve,
+                        block_path_entropy                              (4.2, 4.3)
+    cross-layer         consecutive_agreement, consecutive_jaccard      (4.4)
+    load                expert_loads                                    (7.3)
+    robustness          shuffle_robustness                              (4.6)
+
+A token's path is the tuple of its top-1 experts over the MoE layers, pi(t) = (e_1, ..., e_L).
+Only routing_record and shuffle_robustness run a model; the other functions take plain arrays
+(top1 [N, L], per-layer top-k [N, k] or probabilities [N, E], torch or numpy) so they can be
+checked on hand-built tables and applied to records pooled over many batches. Results are
+plain floats, ints and lists.
+
+Index symmetry (spec 7.5): expert ids are arbitrary labels in independently parameterised
+layers, so index-based cross-layer measures (agreement, Jaccard) are only meaningful where a
+router is shared; `consecutive_agreement` also reports NMI and Hungarian-aligned agreement,
+which do not change under a relabelling of either layer's experts.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ..evaluate import evaluate
+from ..model import MoETransformer
+from ..trajectory import Interventions
+from .mechanism import _forward, _require_moe, set_jaccard
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _numpy(x) -> np.ndarray:
+    """A CPU numpy copy of a tensor or array-like."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _entropy_bits(counts: np.ndarray) -> float:
+    """Plug-in entropy in bits of the distribution given by non-negative counts (zeros ignored)."""
+    p = np.asarray(counts, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _path_ids(top1) -> np.ndarray:
+    """One integer id per token, equal exactly when two tokens follow the same path: [N].
+
+    Layers are folded in one at a time and the ids re-densified after each, so the code never
+    overflows (E^L does not fit in int64 for E = L = 16).
+    """
+    top1 = _numpy(top1).astype(np.int64)
+    if top1.ndim != 2:
+        raise ValueError(f"top1 must be [N, L], got shape {top1.shape}")
+    ids = np.zeros(top1.shape[0], dtype=np.int64)
+    for column in top1.T:
+        _, ids = np.unique(ids * (int(column.max(initial=0)) + 1) + column, return_inverse=True)
+        ids = ids.reshape(-1)
+    return ids
+
+
+def _path_counts(top1) -> np.ndarray:
+    """How many tokens follow each distinct path, most frequent first."""
+    return np.sort(np.bincount(_path_ids(top1)))[::-1]
+
+# ---------------------------------------------------------------------------------------------
+# recording a model's routing (4.0)
+
+
+def routing_record(model: MoETransformer, tokens: torch.Tensor) -> dict:
+    """Every token's routing at every MoE layer's first hop, on CPU (spec 4.0).
+
+    tokens [B, T] are flattened row-major into N = B*T tokens. Returns {"tokens": [N] ids,
+    "top1": LongTensor [N, L] (idx[:, 0]: top-k is sorted by probability), "topk": per layer
+    [N, k], "probs": per layer [N, E] fp32, or None where the router has no probabilities (hash)}.
+    Records of several batches pool with torch.cat along dim 0.
+    """
+    _require_moe(model, "routing_record")
+    events = [e for e in _forward(model, tokens, Interventions()).events if e.hop == 0]
+    events.sort(key=lambda e: e.layer)
+    topk = [e.routing.idx.cpu() for e in events]
+    probs = [None if e.routing.probs is None else e.routing.probs.float().cpu() for e in events]
+    return {"tokens": tokens.reshape(-1).cpu(), "top1": torch.stack([idx[:, 0] for idx in topk], dim=1),
+            "topk": topk, "probs": probs}
+
+# ---------------------------------------------------------------------------------------------
+# routing entropy and load (4.1, 7.3)
+
+
+def expert_loads(selections, n_experts: int) -> list[list[float]]:
+    """Per layer, the share of selections that went to each expert (sums to 1).
+
+    `selections` is top1 [N, L] (one column per layer) or a list with one [N, k] per layer.
+    """
+    if isinstance(selections, (list, tuple)):
+        layers = [_numpy(s).reshape(-1) for s in selections]
+    else:
+        layers = list(_numpy(selections).T)
+    loads = []
+    for ids in layers:
+        counts = np.bincount(ids.astype(np.int64), minlength=n_experts)
+        if counts.shape[0] > n_experts:
+            raise ValueError(f"expert id {ids.max()} is out of range for n_experts={n_experts}")
+        loads.append((counts / counts.sum()).tolist())
+    return loads
+
+
+def expert_usage_entropy(top1, n_experts: int) -> list[float]:
+    """Per layer, the entropy in bits of the marginal top-1 expert usage (spec 4.1 a).
+
+    A load-balance view: log2(n_experts) when every expert is used equally, 0 on collapse.
+    """
+    return [_entropy_bits(np.array(load)) for load in expert_loads(top1, n_experts)]
+
+
+def token_routing_entropy(probs: list) -> list[float]:
+    """Per layer, the mean over tokens of the router distribution's entropy in bits (spec 4.1 b).
+
+    A confidence view: 0 for one-hot routing, log2(E) for uniform. Raises ValueError for a layer
+    without probabilities (hash routing).
+    """
+    out = []
+    for layer, p in enumerate(probs):
+        if p is None:
+            raise ValueError(f"layer {layer} has no router probabilities (hash routing?)")
+        p = torch.as_tensor(p).double()
+        out.append(-torch.special.xlogy(p, p).sum(dim=-1).mean().item() / math.log(2) + 0.0)
+    return out
+
+# ---------------------------------------------------------------------------------------------
+# path concentration (4.2, 4.3)
+
+
+def path_statistics(top1, coverage=(10, 100, 1000)) -> dict:
+    """How concentrated the top-1 paths are (spec 4.2, 4.3).
+
+    Returns {"tokens": N, "unique_paths", "path_entropy_bits" (plug-in, bounded by log2 N and
+    biased low when most paths are singletons, so compare models at equal N),
+    "path_entropy_mm_bits" (Miller-Madow corrected), "entropy_bound_bits" (log2 N),
+    "effective_paths" (2^H), "singleton_fraction" (of distinct paths, seen once),
+    "coverage": {K: fraction of tokens on the K most frequent paths}}.
+    """
+    counts = _path_counts(top1)
+    n, unique = int(counts.sum()), len(counts)
+    h = _entropy_bits(counts)
+    cumulative = np.cumsum(counts) / n
+    return {"tokens": n, "unique_paths": unique, "path_entropy_bits": h,
+            "path_entropy_mm_bits": h + (unique - 1) / (2 * n * math.log(2)),
+            "entropy_bound_bits": math.log2(n), "effective_paths": 2.0 ** h,
+            "singleton_fraction": float((counts == 1).mean()),
+            "coverage": {k: float(cumulative[min(k, unique) - 1]) for k in coverage}}
+
+
+def unique_paths_curve(top1, points) -> list[tuple[int, int]]:
+    """(n, distinct paths among the first n tokens) for each n in points (spec 4.3).
+
+    Monotone in n; at n = N it equals path_statistics' unique_paths.
+    """
+    ids = _path_ids(top1)
+    if any(n < 0 or n > len(ids) for n in points):
+        raise ValueError(f"points must lie in [0, {len(ids)}], got {list(points)}")
+    _, first_seen = np.unique(ids, return_index=True)
+    first_seen.sort()
+    return [(int(n), int(np.searchsorted(first_seen, n))) for n in points]
+
+
+def block_path_entropy(top1, block: int) -> list[float]:
+    """Entropy in bits of the sub-path over each block of `block` consecutive layers (spec 4.2).
+
+    Far less saturated than the full path's entropy (E^block possible sub-paths); with
+    block = L it is the full path entropy.
+    """
+    top1 = _numpy(top1)
+    n_layers = top1.shape[1]
+    if block < 1 or n_layers % block:
+        raise ValueError(f"block={block} does not divide the {n_layers} layers")
+    return [_entropy_bits(_path_counts(top1[:, start:start + block])) for start in range(0, n_layers, block)]
+
+# ---------------------------------------------------------------------------------------------
+# cross-layer consistency (4.4)
+
+
+def cooccurrence(a, b, n_experts: int) -> np.ndarray:
+    """C[i, j] = number of tokens with expert i in one layer and expert j in the next: [E, E]."""
+    a, b = _numpy(a).astype(np.int64), _numpy(b).astype(np.int64)
+    return np.bincount(a * n_experts + b, minlength=n_experts * n_experts).reshape(n_experts, n_experts)
+
+
+def normalized_mutual_information(counts: np.ndarray) -> float:
+    """2 I(X; Y) / (H(X) + H(Y)) of a contingency table; 1.0 when both variables are constant."""
+    h_x, h_y = _entropy_bits(counts.sum(axis=1)), _entropy_bits(counts.sum(axis=0))
+    if h_x + h_y == 0:
+        return 1.0
+    mutual = h_x + h_y - _entropy_bits(counts.reshape(-1))
+    return float(np.clip(2 * mutual / (h_x + h_y), 0.0, 1.0))
+
+
+def aligned_agreement(counts: np.ndarray) -> float:
+    """Agreement after the best one-to-one relabelling of the second variable (Hungarian)."""
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum() / counts.sum())
+
+
+def consecutive_agreement(top1, n_experts: int) -> list[dict]:
+    """Top-1 consistency of each pair of consecutive layers (spec 4.4).
+
+    Per pair: {"layers": (l, l+1), "agreement": share of tokens with e_l == e_{l+1} (index-based,
+    meaningful only under a shared router), "nmi": normalised mutual information of e_l and
+    e_{l+1}, "aligned_agreement": agreement after the best one-to-one relabelling of layer l+1's
+    experts}. nmi and aligned_agreement are invariant to relabelling the experts of either layer.
+    """
+    top1 = _numpy(top1)
+    rows = []
+    for layer in range(top1.shape[1] - 1):
+        counts = cooccurrence(top1[:, layer], top1[:, layer + 1], n_experts)
+        rows.append({"layers": (layer, layer + 1), "agreement": float(np.trace(counts) / counts.sum()),
+                     "nmi": normalized_mutual_information(counts), "aligned_agreement": aligned_agreement(counts)})
+    return rows
+
+
+def consecutive_jaccard(topk: list) -> list[float]:
+    """Per pair of consecutive layers, the mean Jaccard of the tokens' top-k expert sets (spec 4.4).
+
+    The PathMoE v1 measure (paper: 79% PathB4 vs 48% Indep); index-based, so see the caveat in
+    the module docstring. Uniformly random k-sets of E experts give about k / (2E - k).
+    """
+    sets = [torch.as_tensor(s) for s in topk]
+    return [set_jaccard(a, b).mean().item() for a, b in zip(sets, sets[1:])]
+
+# ---------------------------------------------------------------------------------------------
+# robustness to shuffled expert ids (4.6)
+
+
+def expert_permutations(n_layers: int, n_experts: int, seed: int = 0, layers=None) -> list[torch.Tensor]:
+    """One random permutation of the expert ids per layer; identity outside `layers` (None: all).
+
+    Every layer's permutation is drawn in order from one seeded generator, so layer l gets the
+    same permutation whichever other layers are shuffled.
+    """
+    g = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(n_experts, generator=g) for _ in range(n_layers)]
+    chosen = range(n_layers) if layers is None else set(layers)
+    return [perm if layer in chosen else torch.arange(n_experts) for layer, perm in enumerate(perms)]
+
+
+def shuffle_robustness(model: MoETransformer, batches, device: torch.device, seed: int = 0, layers=None,
+                       precision: str = "auto") -> dict:
+    """Perplexity clean vs with expert ids permuted at every layer, or only at `layers` (spec 4.6).
+
+    The routing decision is kept (same gates), but expert id e is served by expert perm[e].
+    Returns {"clean_ppl", "shuffled_ppl", "increase_pct" = 100 (shuffled / clean - 1), "layers"}
+    (paper: +237% PathB4 vs +5328% Indep).
+    """
+    _require_moe(model, "shuffle_robustness")
+    n_layers = model.cfg.n_layers
+    perms = expert_permutations(n_layers, model.cfg.n_experts, seed, layers)
+    clean = evaluate(model, batches, device, precision)["val_ppl"]
+    shuffled = evaluate(model, batches, device, precision, Interventions(expert_permutation=perms))["val_ppl"]
+    return {"clean_ppl": clean, "shuffled_ppl": shuffled, "increase_pct": 100.0 * (shuffled / clean - 1.0),
+            "layers": list(range(n_layers)) if layers is None else sorted(layers)}
