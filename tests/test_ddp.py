@@ -19,6 +19,14 @@ from moe_core import store
 from moe_core.train import train
 from moe_core.variants import resolve
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="session")
+def cache(shared_cache):
+    return shared_cache
+
+
 SHORT = {"steps": 6, "checkpoint_every": 3, "eval_every": 3}
 CONFIGS = [resolve("wide", "tiny", overrides={"train": {**SHORT, "accum_steps": 2}}),
            resolve("deep", "tiny", overrides={"train": {**SHORT, "balance_coef": 0.0}})]
@@ -37,21 +45,6 @@ for config in configs:
 main(["train", "--variant", "hash", "--profile", "tiny", "--steps", "2", "--run-root", root, "--cache-dir", cache,
       "--no-progress"])
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as each torchrun worker has (torchrun sets OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The cache test_reliability.py also uses."""
-    return tmp_path_factory.getbasetemp() / "moe-cache"
 
 
 def losses(run):

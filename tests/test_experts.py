@@ -24,11 +24,7 @@ def outputs_and_grads(bank, path, h, logits, k):
     return [out.detach(), h.grad.clone(), logits.grad.clone()] + [p.grad.clone() for p in bank.parameters()]
 
 
-@pytest.mark.parametrize("path", ["forward_gather", "forward_masked"])
-@pytest.mark.parametrize("n,d,m,rank,k", [(50, 16, 12, 1, 4), (37, 24, 64, 1, 12), (20, 8, 9, 3, 2), (64, 32, 16, 16, 4)])
-def test_rank_experts_fast_paths_match_loop(path, n, d, m, rank, k):
-    torch.manual_seed(n)
-    bank = RankExperts(m, d, rank, n_layers=2)
+def assert_matches_loop(bank, path, n, d, m, k):
     inputs = routed_inputs(n, d, m, k, seed=m)
     fast = outputs_and_grads(bank, path, *inputs)
     slow = outputs_and_grads(bank, "forward_loop", *inputs)
@@ -36,16 +32,18 @@ def test_rank_experts_fast_paths_match_loop(path, n, d, m, rank, k):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["forward_gather", "forward_masked"])
+@pytest.mark.parametrize("n,d,m,rank,k", [(50, 16, 12, 1, 4), (37, 24, 64, 1, 12), (20, 8, 9, 3, 2), (64, 32, 16, 16, 4)])
+def test_rank_experts_fast_paths_match_loop(path, n, d, m, rank, k):
+    torch.manual_seed(n)
+    assert_matches_loop(RankExperts(m, d, rank, n_layers=2), path, n, d, m, k)
+
+
 @pytest.mark.parametrize("path", ["forward_sorted", "forward_masked"])
 @pytest.mark.parametrize("n,d,e,f,k", [(40, 16, 8, 12, 2), (33, 8, 16, 4, 4), (5, 8, 32, 8, 3)])
 def test_swiglu_fast_paths_match_loop(path, n, d, e, f, k):
     torch.manual_seed(n)
-    bank = SwiGLUExperts(e, d, f, n_layers=2)
-    inputs = routed_inputs(n, d, e, k, seed=e)
-    fast = outputs_and_grads(bank, path, *inputs)
-    slow = outputs_and_grads(bank, "forward_loop", *inputs)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_matches_loop(SwiGLUExperts(e, d, f, n_layers=2), path, n, d, e, k)
 
 
 def test_auto_backend_picks_a_tested_path():

@@ -25,28 +25,19 @@ from moe_core.model import MoETransformer
 from moe_core.train import RunFailed, Trainer, make_optimizer, train
 from moe_core.variants import profiles, resolve, variants
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="session")
+def cache(shared_cache):
+    return shared_cache
+
+
 # Dropout and accumulation on, so a resumed run must redraw the same masks and micro-batches.
 CFG = resolve("deep", "tiny", overrides={"train": {"steps": 12, "checkpoint_every": 4, "eval_every": 4,
                                                    "accum_steps": 2}, "model": {"dropout": 0.1}})
 TIMING = ("tokens_per_s", "train_seconds")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # child processes use the thread count of this one (see one_thread)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the child processes: bit-identity across processes needs
-    the same count, tiny models train fastest on one, and on shared cores two processes of two
-    OpenMP threads each can run a hundred times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    """One tokenizer/token cache for this module and test_ddp.py."""
-    return tmp_path_factory.getbasetemp() / "moe-cache"
 
 
 def outcome(run):
