@@ -21,16 +21,16 @@ class Verdict:
         return f"{self.outcome}: {self.reason}"
 
 
-def direction(lo: float, hi: float, expect: str, what: str) -> Verdict:
+def direction(lo: float, hi: float, expect: str, what: str, level: int = 95) -> Verdict:
     """A claim that a paired difference (first - second, in loss) is negative or positive.
 
-    Agrees when the 95% CI lies entirely on the expected side, disagrees when it lies entirely on
-    the other side, undecided when it contains zero.
+    Agrees when the `level`% CI lies entirely on the expected side, disagrees when it lies entirely
+    on the other side, undecided when it contains zero.
     """
     if expect not in ("negative", "positive"):
         raise ValueError(f"expect={expect!r}: choose negative or positive")
     below, above = hi < 0, lo > 0
-    ci = f"95% CI [{lo:+.4f}, {hi:+.4f}]"
+    ci = f"{level}% CI [{lo:+.4f}, {hi:+.4f}]"
     if (below and expect == "negative") or (above and expect == "positive"):
         return Verdict(AGREES, f"{what}: the {ci} excludes zero on the paper's side")
     if below or above:

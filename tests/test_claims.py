@@ -1,0 +1,35 @@
+"""The verdict rules: each outcome on hand-picked numbers."""
+import math
+
+import pytest
+
+from moe_core import claims
+
+
+def test_direction():
+    assert claims.direction(-0.04, -0.01, "negative", "x").outcome == claims.AGREES
+    assert claims.direction(0.01, 0.04, "negative", "x").outcome == claims.DISAGREES
+    assert claims.direction(-0.01, 0.01, "positive", "x").outcome == claims.UNDECIDED
+    assert "90% CI" in claims.direction(0.01, 0.02, "positive", "x", level=90).reason
+    with pytest.raises(ValueError, match="expect='up'"):
+        claims.direction(0, 1, "up", "x")
+
+
+def test_equivalence():
+    assert claims.equivalence(10, 10, 0, 0.03).outcome == claims.AGREES
+    assert claims.equivalence(6, 10, 2, 0.03).outcome == claims.DISAGREES
+    assert claims.equivalence(6, 10, 0, 0.03).outcome == claims.UNDECIDED
+
+
+def test_small_gap():
+    assert claims.small_gap(0.03, 0.2, "g").outcome == claims.AGREES
+    assert claims.small_gap(0.5, 0.2, "g").outcome == claims.UNDECIDED
+    assert claims.small_gap(-0.9, 0.2, "g").outcome == claims.DISAGREES
+    assert claims.small_gap(0.1, math.nan, "g").outcome == claims.UNDECIDED
+
+
+def test_threshold():
+    assert claims.threshold(5.0, "above", 2.0, "v").outcome == claims.AGREES
+    assert claims.threshold(1.0, "above", 2.0, "v").outcome == claims.DISAGREES
+    assert claims.threshold(0.02, "below", 0.03, "v", undecided_band=0.02).outcome == claims.UNDECIDED
+    assert str(claims.threshold(0.01, "below", 0.03, "v")).startswith("agrees: v = 0.01")
