@@ -20,12 +20,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "hash_key": ("token", "position"),
     "residual": ("accum", "literal"),
     "magnitude_scope": ("global", "layer"),
-    "expert_backend": ("auto", "gather", "masked", "sorted", "loop"),
+    "expert_backend": ("auto", "gather", "masked", "grouped", "sorted", "loop"),
     "balance_tokens": ("tokens_k", "tokens"),
     "balance_events": ("per_hop", "per_layer"),
     "balance_reduce": ("mean", "sum"),
     "precision": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
+    "compile": ("auto", "on", "off"),
 }
 
 
@@ -56,7 +57,7 @@ class ModelConfig:
     n_experts: int = 1024
     expert_rank: int = 1
     expert_d_ff: int = 0  # hidden width of a SwiGLU expert
-    expert_backend: str = "auto"  # fast path (rank: gather/masked, swiglu: sorted/masked) or "loop" reference
+    expert_backend: str = "auto"  # fast path (rank: gather/masked, swiglu: grouped/sorted/masked) or "loop" reference
     # --- routing
     router: str = "cosine"  # "cosine" (ST-MoE, X-MoE-like), "linear" (standard gate), "hash", "recurrent"
     top_k: int = 12
@@ -116,7 +117,9 @@ class TrainConfig:
     telemetry_seqs: int = 8  # validation sequences whose routing is recorded
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"
-    compile: bool = False
+    compile: str = "auto"  # torch.compile the training step: auto = on for CUDA, off on CPU (no gain there)
+    threads: int = 0  # CPU threads a run trains with (0 = torch's default); results depend on it, so it is
+    # part of the config, and a grid of runs on a CPU trains cores // threads runs at once
 
     @property
     def tokens_per_step(self) -> int:
@@ -268,12 +271,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(all(h >= 1 for h in hops), "model.hops", list(hops), "every hop count must be >= 1")
     if m.expert == "rank":
         _require(m.expert_rank >= 1, "model.expert_rank", m.expert_rank, "must be >= 1")
-        _require(m.expert_backend != "sorted", "model.expert_backend", m.expert_backend,
+        _require(m.expert_backend not in ("grouped", "sorted"), "model.expert_backend", m.expert_backend,
                  "rank experts take auto, gather, masked or loop")
     else:
         _require(m.expert_d_ff >= 1, "model.expert_d_ff", m.expert_d_ff, "SwiGLU experts need expert_d_ff >= 1")
-        _require(m.expert_backend in ("auto", "sorted", "masked", "loop"), "model.expert_backend", m.expert_backend,
-                 "SwiGLU experts take auto, sorted, masked or loop")
+        _require(m.expert_backend in ("auto", "grouped", "sorted", "masked", "loop"), "model.expert_backend",
+                 m.expert_backend, "SwiGLU experts take auto, grouped, sorted, masked or loop")
     _require(1 <= m.router_block <= m.n_layers and m.n_layers % m.router_block == 0, "model.router_block",
              m.router_block, f"must divide n_layers={m.n_layers}")
     if m.router == "cosine":

@@ -1,21 +1,27 @@
 """Grids of runs for the notebooks: train (or fetch from the run store) and tabulate.
 
 A run is named by (variant, seed, overrides); `run_grid` trains the missing ones with one progress
-bar over the grid and returns a table with one row per run. Notebooks that only read results call
+bar over the grid (several at once on a multi-core CPU when the profile trains each run on fewer
+threads than there are cores) and returns a table with one row per run. Notebooks that only read results call
 the same function: finished runs come back from the store without training.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from . import store
 from .config import RunConfig
-from .train import default_run_root, train
+from .data import prepare_data
+from .train import default_cache_dir, default_run_root, train
 from .variants import resolve
 
 
@@ -34,12 +40,51 @@ def grid(variants, seeds) -> list[RunSpec]:
     return [RunSpec(v, s) for v in variants for s in seeds]
 
 
-def run_grid(specs: list[RunSpec], profile: str, run_root: str | Path | None = None) -> pd.DataFrame:
-    """Train every spec that is not in the store yet; one row per run."""
+def grid_workers(configs: list[RunConfig]) -> int:
+    """How many runs train at once: on a CPU, cores // train.threads (1 when threads is 0); on CUDA, 1."""
+    threads = {cfg.train.threads for cfg in configs}
+    if torch.cuda.is_available() or len(threads) != 1 or 0 in threads:
+        return 1  # one GPU trains one run at a time; a run on torch's default threads takes every core
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // threads.pop())
+
+
+def train_missing(configs: list[RunConfig], run_root: str | Path | None, workers: int, desc: str) -> dict[str, dict]:
+    """Train the configs that have no results yet, `workers` at a time in fresh processes.
+
+    Returns the results of the runs trained now, by run directory."""
+    root = Path(run_root) if run_root else default_run_root()
+    missing = {str(store.run_dir(cfg, root)): cfg for cfg in configs}  # a spec listed twice trains once
+    missing = {run: cfg for run, cfg in missing.items() if not (Path(run) / "results.json").exists()}
+    trained = {}
+    with tqdm(total=len(missing), desc=desc, unit="run") as bar:
+        if workers <= 1 or len(missing) <= 1:
+            for run, cfg in missing.items():
+                trained[run] = train(cfg, root, progress=False)
+                bar.update(1)
+            return trained
+        for corpus, vocab in {(cfg.data.corpus, cfg.data.vocab_size) for cfg in missing.values()}:
+            prepare_data(corpus, vocab, default_cache_dir())  # tokenizers once, before the workers read them
+        context = multiprocessing.get_context("spawn")  # not fork: a forked OpenMP runtime can deadlock
+        with ProcessPoolExecutor(min(workers, len(missing)), mp_context=context) as pool:
+            futures = {pool.submit(train, cfg, root, None, False): run for run, cfg in missing.items()}
+            for future in as_completed(futures):
+                trained[futures[future]] = future.result()  # re-raises a worker's error here
+                bar.update(1)
+    return trained
+
+
+def run_grid(specs: list[RunSpec], profile: str, run_root: str | Path | None = None,
+             workers: int | None = None) -> pd.DataFrame:
+    """Train every spec that is not in the store yet (`workers` at a time, default `grid_workers`);
+    one row per run, in the order of `specs` (`cached`: it was in the store before this call)."""
     configs = [spec.config(profile) for spec in specs]  # every config is validated before any work
+    trained = train_missing(configs, run_root, grid_workers(configs) if workers is None else workers,
+                            f"runs ({profile})")
     rows = []
-    for spec, cfg in zip(specs, tqdm(configs, desc=f"runs ({profile})", unit="run")):
-        result = train(cfg, run_root, progress=False)
+    for spec, cfg in zip(specs, configs):
+        result = trained.pop(str(store.run_dir(cfg, Path(run_root) if run_root else default_run_root())), None)
+        result = result or train(cfg, run_root, progress=False)
         rows.append({"label": spec.label or spec.variant, "variant": spec.variant, "seed": spec.seed,
                      "val_loss": result["val_loss"], "val_ppl": result["val_ppl"],
                      "train_seconds": result["train_seconds"], "tokens_per_s": result["tokens_per_s"],
@@ -54,9 +99,8 @@ def run_dir(spec: RunSpec, profile: str, run_root: str | Path | None = None) -> 
 
 def load_run(spec: RunSpec, profile: str, run_root: str | Path | None = None):
     """(model, its validation batches) of a finished run, for the inference-time analyses."""
-    from .data import prepare_data, val_batches
+    from .data import val_batches
     from .evaluate import load_model
-    from .train import default_cache_dir
 
     model, cfg = load_model(run_dir(spec, profile, run_root))
     t = cfg.train

@@ -36,6 +36,7 @@ from .data import TrainStream, prepare_data, val_batches
 from .evaluate import autocast_for, evaluate, resolve_device, routing_telemetry
 from .model import MoETransformer
 from .params import count_parameters
+from .perf import matmul_peak_flops, train_flops_per_token
 from .routing import router_z_loss, switch_balance_loss
 from .trajectory import HopEvent
 
@@ -98,19 +99,38 @@ def auxiliary_loss(events: list[HopEvent], cfg: RunConfig) -> tuple[torch.Tensor
 class Objective(torch.nn.Module):
     """The training loss of one batch as a module, so that DDP and torch.compile see tensors only.
 
-    Returns (loss to differentiate, cross-entropy, balance loss); the last two are detached.
+    Returns (loss to differentiate, detached [cross-entropy, balance loss]). The two statistics
+    travel as one stacked tensor: returning a detached alias of the loss beside the loss itself
+    makes torch.compile (2.13) drop the loss's graph.
     """
 
     def __init__(self, model: MoETransformer, cfg: RunConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.train
         out = self.model(x, y)
         balance, z = (v.to(out.loss.device) for v in auxiliary_loss(out.events, self.cfg))
         loss = out.loss + t.balance_coef * balance + t.z_loss_coef * z
-        return loss, out.loss.detach(), balance.detach()
+        return loss, torch.stack((out.loss, balance)).detach()
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """Run the body on n CPU threads (0: leave torch's setting), restoring the caller's afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def use_compile(t: TrainConfig, device: torch.device) -> bool:
+    """train.compile resolved: "auto" compiles on CUDA only (measured on CPU: no gain, minutes of compiling)."""
+    return t.compile == "on" or (t.compile == "auto" and device.type == "cuda")
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -210,9 +230,15 @@ class Trainer:
         if world.size > 1:  # static_graph: the unused kinematic vectors are found once, not every step
             self.objective = DistributedDataParallel(
                 self.objective, device_ids=[self.device] if self.device.type == "cuda" else None, static_graph=True)
-        self.step_fn = torch.compile(self.objective) if t.compile else self.objective
+        self.step_fn = torch.compile(self.objective) if use_compile(t, self.device) else self.objective
+        self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # every step since `checked` so far
         self.checked, self.train_seconds = 0, 0.0
+
+    def peak_flops(self) -> float:
+        """The matmul peak MFU is measured against: this device, the training dtype, measured once per process."""
+        bf16 = self.device.type == "cuda" and self.cfg.train.precision != "fp32"
+        return matmul_peak_flops(str(self.device), torch.bfloat16 if bf16 else torch.float32, torch.get_num_threads())
 
     def load_data(self, cache_dir: Path):
         """Tokenizer and token caches, built by local rank 0 of each machine before the others read them."""
@@ -306,9 +332,9 @@ class Trainer:
         for i, (x, y) in enumerate(shares):
             with self.no_sync(i < len(shares) - 1):
                 with autocast_for(self.device, t.precision):
-                    loss, ce, balance = self.step_fn(x.to(self.device), y.to(self.device))
+                    loss, stats = self.step_fn(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 (loss / len(shares)).backward()
-            sums += torch.stack((ce, balance))
+            sums += stats
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -347,12 +373,13 @@ class Trainer:
                     self.check_finite(done)
                     now = time.perf_counter()
                     self.train_seconds += now - tick
-                    record = {"step": done, **{k: float(v) for k, v in stats.items()},
-                              "tokens_per_s": tokens_done / (now - tick), "train_seconds": self.train_seconds}
+                    tokens_per_s = tokens_done / (now - tick)
+                    record = {"step": done, **{k: float(v) for k, v in stats.items()}, "tokens_per_s": tokens_per_s,
+                              "mfu": tokens_per_s * self.flops_per_token / self.peak_flops(), "train_seconds": self.train_seconds}
                     if main:
                         self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{math.exp(min(record['loss'], 50)):.1f}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                                    tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
                     tokens_done, tick = 0, time.perf_counter()
                 if done % t.eval_every == 0 and done < t.steps:
                     self.check_finite(done)
@@ -435,5 +462,6 @@ def train(cfg: RunConfig, run_root: str | Path | None = None, cache_dir: str | P
             reason = store.read_status(run)["reason"] if world.main else "see rank 0"
             raise RunFailed(f"{run} failed earlier ({reason}); remove its status.json to retry from its last "
                             f"good checkpoint, or change the configuration")
-        results = trainer.fit(stop_at=stop_at)
+        with cpu_threads(cfg.train.threads):
+            results = trainer.fit(stop_at=stop_at)
     return None if results is None else {**results, "cached": False}

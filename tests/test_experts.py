@@ -39,8 +39,8 @@ def test_rank_experts_fast_paths_match_loop(path, n, d, m, rank, k):
     assert_matches_loop(RankExperts(m, d, rank, n_layers=2), path, n, d, m, k)
 
 
-@pytest.mark.parametrize("path", ["forward_sorted", "forward_masked"])
-@pytest.mark.parametrize("n,d,e,f,k", [(40, 16, 8, 12, 2), (33, 8, 16, 4, 4), (5, 8, 32, 8, 3)])
+@pytest.mark.parametrize("path", ["forward_grouped", "forward_sorted", "forward_masked"])
+@pytest.mark.parametrize("n,d,e,f,k", [(40, 16, 8, 12, 2), (33, 8, 16, 4, 4), (5, 8, 32, 8, 3), (64, 32, 32, 16, 4)])
 def test_swiglu_fast_paths_match_loop(path, n, d, e, f, k):
     torch.manual_seed(n)
     assert_matches_loop(SwiGLUExperts(e, d, f, n_layers=2), path, n, d, e, k)
@@ -61,3 +61,12 @@ def test_rank1_expert_is_one_read_and_one_write_direction():
     expected = torch.stack([torch.nn.functional.silu(h[i] @ bank.w_down[j, 0]) * bank.w_up[j, 0]
                             for i, j in enumerate([2, 0, 2])])
     torch.testing.assert_close(bank(h, idx, w), expected)
+
+
+def test_grouped_falls_back_to_sorted_on_unaligned_widths():
+    bank = SwiGLUExperts(8, 8, 3, n_layers=1)  # d_ff = 3 floats = 12 bytes: not 16-byte aligned
+    h, logits, k = routed_inputs(12, 8, 8, 2, seed=3)
+    r = select_top_k(logits, k)
+    from moe_core.experts import grouped_mm_supported
+    assert not grouped_mm_supported(h, bank.w_gate, bank.w_out)
+    torch.testing.assert_close(bank.forward_grouped(h, r.idx, r.weights), bank.forward_loop(h, r.idx, r.weights))

@@ -17,15 +17,7 @@ _g = torch.Generator().manual_seed(0)
 TOKENS = torch.randint(0, 512, (2, 32), generator=_g)
 BATCHES = [(torch.randint(0, 512, (2, 32), generator=_g), torch.randint(0, 512, (2, 32), generator=_g))
            for _ in range(2)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models are faster on one thread, and far faster on a busy machine; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: faster on one thread, far faster on a busy machine
 
 
 def build(variant="path_b4", seed=0):

@@ -1,0 +1,232 @@
+"""Training-step and dispatch benchmarks at a profile's shapes, all ratios taken in one process.
+
+    python benchmarks/run.py --profile smoke            # CPU, about a minute
+    python benchmarks/run.py --profile paper --device cuda
+
+1. Train step (forward + backward + clip + AdamW) of MoE variants and the dense baselines on
+   random tokens, the profile's micro-batch shape; rounds interleave the variants and the median
+   round counts, so drift of the machine hits every variant alike. Reports ms/step, tokens/s,
+   model FLOPs per token and MFU against a matmul peak measured here, in the training dtype.
+2. FFN-expert dispatch (SwiGLU experts, fwd + bwd) of every backend against a per-expert loop
+   written the way common MoE libraries' eager paths are (mask per expert, index, matmul,
+   index_add), for E in {16, 32, 64}; and rank-1 expert dispatch at the profile's M and at M = 1024.
+
+The last line of standard output is one JSON object with every number (see RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from moe_core.config import ConfigError  # noqa: E402
+from moe_core.evaluate import autocast_for, resolve_device  # noqa: E402
+from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported  # noqa: E402
+from moe_core.model import MoETransformer  # noqa: E402
+from moe_core.perf import matmul_peak_flops, sync, train_flops_per_token  # noqa: E402
+from moe_core.routing import select_top_k  # noqa: E402
+from moe_core.train import Objective, make_optimizer  # noqa: E402
+from moe_core.variants import resolve  # noqa: E402
+
+STEP_VARIANTS = ("dense_iso_param", "dense_iso_flop", "wide", "deep", "indep", "path_b4")
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------ train step
+
+class StepBench:
+    """One variant's model, optimizer and a fixed random batch; `step()` is one training step."""
+
+    def __init__(self, variant: str, profile: str, device: torch.device, batch_size: int | None, compile_: bool):
+        self.cfg = resolve(variant, profile, 42, {"train.device": device.type})
+        t = self.cfg.train
+        torch.manual_seed(0)
+        self.model = MoETransformer(self.cfg.model).to(device)
+        self.optimizer = make_optimizer(self.model, t, device)
+        objective = Objective(self.model, self.cfg)
+        self.loss_fn = torch.compile(objective) if compile_ else objective  # --compile, whatever the device
+        rows = batch_size or t.batch_size
+        tokens = torch.randint(0, self.cfg.model.vocab_size, (rows, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
+        self.x, self.y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        self.device, self.precision, self.grad_clip = device, t.precision, t.grad_clip
+        self.tokens = rows * t.seq_len
+        self.flops_per_token = train_flops_per_token(self.cfg.model, t.seq_len)
+
+    def step(self) -> None:
+        with autocast_for(self.device, self.precision):
+            loss, _ = self.loss_fn(self.x, self.y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def bench_steps(args, device: torch.device, peak: float) -> dict[str, dict]:
+    benches = {v: StepBench(v, args.profile, device, args.batch_size, args.compile) for v in args.variants}
+    for bench in benches.values():  # warm-up: allocator, thread pools, compilation
+        for _ in range(args.warmup):
+            bench.step()
+    rounds: dict[str, list[float]] = {v: [] for v in benches}
+    for _ in range(args.rounds):
+        for variant, bench in benches.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                bench.step()
+            sync(device)
+            rounds[variant].append((time.perf_counter() - start) / args.steps)
+    results = {}
+    for variant, bench in benches.items():
+        seconds = statistics.median(rounds[variant])
+        tokens_per_s = bench.tokens / seconds
+        results[variant] = {"ms_per_step": 1e3 * seconds, "tokens_per_s": tokens_per_s,
+                            "flops_per_token": bench.flops_per_token,
+                            "mfu": tokens_per_s * bench.flops_per_token / peak}
+    return results
+
+
+# -------------------------------------------------------------------- dispatch
+
+def library_style_loop(bank: SwiGLUExperts, h, idx, weights):
+    """The usual eager MoE loop: a boolean mask per expert, index, matmul, index_add."""
+    out = torch.zeros_like(h)
+    for e in range(bank.w_gate.shape[0]):
+        mask = idx == e
+        rows, slot = torch.where(mask)
+        y = bank.expert(e, h[rows]) * weights[rows, slot, None]
+        out.index_add_(0, rows, y)
+    return out
+
+
+def dispatch_case(bank, fn, n_tokens: int, k: int, device: torch.device, repeats: int) -> float:
+    """Median seconds of forward + backward through `fn` on fixed random routing."""
+    g = torch.Generator().manual_seed(0)
+    d = bank.w_down.shape[-1] if isinstance(bank, RankExperts) else bank.w_gate.shape[1]
+    h = torch.randn(n_tokens, d, generator=g).to(device).requires_grad_()
+    routing = select_top_k(torch.randn(n_tokens, bank_size(bank), generator=g).to(device), k)
+    cotangent = torch.randn(n_tokens, d, generator=g).to(device)
+
+    def fwd_bwd():
+        (fn(h, routing.idx, routing.weights) * cotangent).sum().backward()
+    return timed(fwd_bwd, device, repeats)
+
+
+def bank_size(bank) -> int:
+    return (bank.w_down if isinstance(bank, RankExperts) else bank.w_gate).shape[0]
+
+
+def bench_swiglu_dispatch(args, device: torch.device, d: int, d_ff: int, k: int, n_tokens: int) -> dict:
+    results = {}
+    for n_experts in (16, 32, 64):
+        bank = SwiGLUExperts(n_experts, d, d_ff, n_layers=8).to(device)
+        row = {"loop": dispatch_case(bank, lambda *a: library_style_loop(bank, *a), n_tokens, k, device, args.repeats)}
+        for backend in ("sorted", "grouped", "masked"):
+            row[backend] = dispatch_case(bank, getattr(bank, f"forward_{backend}"), n_tokens, k, device, args.repeats)
+        row["grouped_mm"] = grouped_mm_supported(torch.empty(0, d, device=device), bank.w_gate, bank.w_out)
+        results[n_experts] = row
+    return results
+
+
+def bench_rank_dispatch(args, device: torch.device, d: int, k: int, n_tokens: int, sizes) -> dict:
+    """Rank-1 experts: seconds per fwd + bwd, and the bytes of each backend's largest intermediate."""
+    results = {}
+    for m in sizes:
+        bank = RankExperts(m, d, 1, n_layers=8).to(device)
+        row = {backend: dispatch_case(bank, getattr(bank, f"forward_{backend}"), n_tokens, k, device, args.repeats)
+               for backend in ("loop", "gather", "masked")}
+        row["gather_bytes"] = 2 * n_tokens * k * d * 4  # w_down[idx] and w_up[idx]: [N, k, 1, d] each
+        row["masked_bytes"] = 2 * n_tokens * m * 4  # activations and gate: [N, M] each
+        results[m] = row
+    return results
+
+
+# ------------------------------------------------------------------------ main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="smoke", help="profile whose shapes are timed (tiny, smoke, paper)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--variants", nargs="+", default=list(STEP_VARIANTS))
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the profile's micro-batch)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (the median counts)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per dispatch case")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training objective")
+    args = parser.parse_args(argv)
+    for required in ("dense_iso_param", "wide", "deep"):
+        if required not in args.variants:
+            args.variants.append(required)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    try:
+        probe, probe_ffn = resolve("wide", args.profile, 42), resolve("indep", args.profile, 42)
+    except ConfigError as e:
+        raise SystemExit(f"benchmarks/run.py: {e}") from None
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak_flops(device.type, peak_dtype, torch.get_num_threads())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; matmul peak {peak / 1e9:.1f} GFLOP/s ({peak_dtype})")
+
+    steps = bench_steps(args, device, peak)
+    print(f"\ntrain step at profile {args.profile}, {args.batch_size or probe.train.batch_size} x "
+          f"{probe.train.seq_len} tokens:")
+    print(f"{'variant':<18}{'ms/step':>10}{'tokens/s':>12}{'GFLOP/token':>13}{'MFU':>8}{'x dense_iso_param':>20}")
+    base = steps["dense_iso_param"]["ms_per_step"]
+    for variant, r in steps.items():
+        print(f"{variant:<18}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12.0f}{r['flops_per_token'] / 1e9:>13.4f}"
+              f"{100 * r['mfu']:>7.1f}%{r['ms_per_step'] / base:>20.2f}")
+
+    m, f = probe.model, probe_ffn.model
+    n_tokens = (args.batch_size or probe.train.batch_size) * probe.train.seq_len
+    swiglu = bench_swiglu_dispatch(args, device, f.d_model, f.expert_d_ff, f.top_k, n_tokens)
+    print(f"\nSwiGLU expert dispatch, fwd+bwd, {n_tokens} tokens, top-{f.top_k}, d_model {f.d_model}, "
+          f"d_ff {f.expert_d_ff} (ms; speed-up over the loop):")
+    for n_experts, row in swiglu.items():
+        cells = "  ".join(f"{b} {1e3 * row[b]:.2f} ({row['loop'] / row[b]:.2f}x)" for b in ("sorted", "grouped", "masked"))
+        print(f"  E={n_experts:<3} loop {1e3 * row['loop']:.2f}  {cells}  [grouped_mm: {row['grouped_mm']}]")
+
+    rank = bench_rank_dispatch(args, device, m.d_model, m.top_k, n_tokens, sorted({m.n_experts, 1024}))
+    print(f"\nrank-1 expert dispatch, fwd+bwd, top-{m.top_k} (ms; largest intermediate in MiB):")
+    for n_experts, row in rank.items():
+        print(f"  M={n_experts:<5} loop {1e3 * row['loop']:.2f}  gather {1e3 * row['gather']:.2f} "
+              f"({row['gather_bytes'] / 2**20:.1f} MiB)  masked {1e3 * row['masked']:.2f} ({row['masked_bytes'] / 2**20:.1f} MiB)")
+
+    summary = {
+        "profile": args.profile, "device": name, "torch": torch.__version__, "compile": args.compile,
+        "date": time.strftime("%Y-%m-%d"), "matmul_peak_gflops": peak / 1e9,
+        "wide_step_over_dense_iso_param": steps["wide"]["ms_per_step"] / base,
+        "deep_step_over_dense_iso_param": steps["deep"]["ms_per_step"] / base,
+        "grouped_dispatch_speedup_e32": swiglu[32]["loop"] / swiglu[32]["grouped"],
+        "dense_mfu": steps["dense_iso_param"]["mfu"],
+        "steps": steps, "swiglu_dispatch": swiglu, "rank_dispatch": rank,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

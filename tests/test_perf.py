@@ -1,0 +1,92 @@
+"""Training-efficiency pieces: model FLOPs, the parallel grid, compile parity, threads, MFU logging."""
+import json
+
+import pytest
+import torch
+
+from moe_core.config import ConfigError
+from moe_core.experiments import RunSpec, grid_workers, run_grid
+from moe_core.model import MoETransformer
+from moe_core.perf import matmul_peak_flops, train_flops_per_token
+from moe_core.train import Objective, cpu_threads, use_compile
+from moe_core.variants import resolve
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = {"train": {"steps": 4, "eval_every": 4, "checkpoint_every": 4, "threads": 1}}
+
+
+def test_dense_flops_follow_the_6n_rule():
+    """A dense model: 6 FLOPs per weight per token (embedding used once, as the LM head) + attention."""
+    m = resolve("dense_iso_param", "tiny").model
+    weights = m.n_layers * (4 * m.d_model ** 2 + 2 * m.d_model * m.d_ff) + m.d_model * m.vocab_size
+    assert train_flops_per_token(m, 64) == 6 * weights + 12 * m.n_layers * m.d_model * 64
+
+
+def test_moe_flops_count_active_experts_and_every_routing_decision():
+    wide, deep = resolve("wide", "smoke").model, resolve("deep", "smoke").model
+    d, M, s = wide.d_model, wide.n_experts, wide.d_space
+    per_layer = {"wide": 1 * ((s * d + M * s) + 12 * 2 * d), "deep": 3 * ((s * d + M * s) + 4 * 2 * d)}
+    base = 6 * (wide.n_layers * 4 * d * d + d * wide.vocab_size) + 12 * wide.n_layers * d * 64
+    assert train_flops_per_token(wide, 64) == base + 6 * wide.n_layers * per_layer["wide"]
+    assert train_flops_per_token(deep, 64) == base + 6 * deep.n_layers * per_layer["deep"]
+    assert train_flops_per_token(resolve("hash", "smoke").model, 64) < train_flops_per_token(wide, 64)
+
+
+def test_matmul_peak_is_positive_and_cached():
+    first = matmul_peak_flops("cpu", torch.float32, torch.get_num_threads())
+    assert first > 1e8 and matmul_peak_flops("cpu", torch.float32, torch.get_num_threads()) == first
+
+
+@pytest.mark.parametrize("variant", ["wide", "hash"])
+def test_compiled_objective_matches_eager(variant):
+    cfg = resolve(variant, "tiny")
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    compiled, stats = torch.compile(Objective(model, cfg))(x, x)
+    eager, eager_stats = Objective(model, cfg)(x, x)
+    assert compiled.requires_grad  # the compiled loss keeps its graph
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(stats, eager_stats)
+
+
+def test_compile_defaults_to_cuda_only():
+    t = resolve("wide", "paper").train
+    assert t.compile == "auto"
+    assert use_compile(t, torch.device("cuda")) and not use_compile(t, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.compile"):
+        resolve("wide", "tiny", overrides={"train": {"compile": "yes"}})
+
+
+def test_cpu_threads_restores_the_callers_setting():
+    before = torch.get_num_threads()
+    with cpu_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+    with cpu_threads(0):
+        assert torch.get_num_threads() == before
+
+
+def test_grid_workers_follow_threads(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    one = resolve("wide", "tiny", overrides={"train": {"threads": 1}})
+    two = resolve("wide", "tiny", overrides={"train": {"threads": 2}})
+    assert grid_workers([one, one]) == 8 and grid_workers([two]) == 4
+    assert grid_workers([resolve("wide", "tiny")]) == 1  # threads 0: torch's default takes every core
+    assert grid_workers([one, two]) == 1
+
+
+def test_parallel_grid_equals_serial_grid(tmp_path, shared_cache, monkeypatch):
+    """Two runs trained at once in spawned processes give the numbers a serial grid gives, and log MFU."""
+    monkeypatch.setenv("MOE_CORE_CACHE", str(shared_cache))
+    specs = [RunSpec("wide", 42, FAST), RunSpec("hash", 42, FAST)]
+    parallel = run_grid(specs, "tiny", tmp_path / "parallel", workers=2)
+    serial = run_grid(specs, "tiny", tmp_path / "serial", workers=1)
+    assert not parallel.cached.any() and not serial.cached.any()
+    assert parallel.val_loss.tolist() == serial.val_loss.tolist()
+    again = run_grid(specs, "tiny", tmp_path / "parallel", workers=2)
+    assert again.cached.all() and again.val_loss.tolist() == parallel.val_loss.tolist()
+    records = [json.loads(line) for line in open(f"{parallel.run_dir[0]}/metrics.jsonl")]
+    mfu = [r["mfu"] for r in records if "mfu" in r]
+    assert mfu and all(0 < v < 1 for v in mfu)
