@@ -172,6 +172,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per dispatch case")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training objective")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the profile's train.threads, else torch's default)")
     args = parser.parse_args(argv)
     for required in ("dense_iso_param", "wide", "deep"):
         if required not in args.variants:
@@ -186,6 +188,9 @@ def main(argv=None) -> dict:
         probe, probe_ffn = resolve("wide", args.profile, 42), resolve("indep", args.profile, 42)
     except ConfigError as e:
         raise SystemExit(f"benchmarks/run.py: {e}") from None
+    threads = probe.train.threads if args.threads is None else args.threads
+    if threads:  # the thread count the profile trains with (smoke: 1, one run per core)
+        torch.set_num_threads(threads)
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak_flops(device.type, peak_dtype, torch.get_num_threads())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .routing import expert_counts
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -40,7 +41,7 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     """(order of the flattened (token, slot) pairs grouped by expert, their tokens, tokens per expert)."""
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
-    return order, order // idx.shape[1], torch.bincount(flat, minlength=n_experts)
+    return order, order // idx.shape[1], expert_counts(idx, n_experts)
 
 
 class RankExperts(nn.Module):
@@ -111,7 +112,7 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         backend = self.backend
-        if backend == "auto":  # grouped GEMMs where torch has them (3x the masked path at E=16, top-4 on
+        if backend == "auto":  # grouped GEMMs where torch has them (4x the masked path at E=16, top-4 on
             # CPU, benchmarks/run.py); else compute all experts when they are few per selection
             if grouped_mm_supported(h[:0].to(compute_dtype(h)), self.w_gate, self.w_out):
                 backend = "grouped"

@@ -210,6 +210,13 @@ def build_routers(cfg: ModelConfig) -> tuple[nn.ModuleList, list[int]]:
     return nn.ModuleList(routers), [layer // B for layer in range(L)]
 
 
+def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many selections each expert got, [n_experts] int64, without a host sync (CUDA's
+    bincount reads the largest index back to size its output)."""
+    flat = idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def switch_balance_loss(routings: list[Routing], n_experts: int, per: str = "tokens_k") -> torch.Tensor:
     """Switch-Transformer balance loss M * sum_i f_i P_i for one routing event.
 
@@ -218,7 +225,7 @@ def switch_balance_loss(routings: list[Routing], n_experts: int, per: str = "tok
     tokens (`per="tokens"`, sums to k); P_i is the mean router probability of expert i.
     """
     idx = torch.cat([r.idx.reshape(-1) for r in routings])
-    counts = torch.bincount(idx, minlength=n_experts).float()
+    counts = expert_counts(idx, n_experts).float()
     n_tokens = sum(r.idx.shape[0] for r in routings)
     f = counts / (idx.numel() if per == "tokens_k" else n_tokens)
     p = torch.cat([r.probs for r in routings]).mean(dim=0)

@@ -90,3 +90,17 @@ def test_parallel_grid_equals_serial_grid(tmp_path, shared_cache, monkeypatch):
     records = [json.loads(line) for line in open(f"{parallel.run_dir[0]}/metrics.jsonl")]
     mfu = [r["mfu"] for r in records if "mfu" in r]
     assert mfu and all(0 < v < 1 for v in mfu)
+
+
+def test_benchmark_harness_reports_every_ratio(capsys):
+    """benchmarks/run.py runs end to end (here at the tiny profile) and ends with the JSON line."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from run import main
+    main(["--profile", "tiny", "--device", "cpu", "--steps", "1", "--rounds", "1", "--warmup", "1", "--repeats", "1"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("wide_step_over_dense_iso_param", "deep_step_over_dense_iso_param",
+                "grouped_dispatch_speedup_e32", "dense_mfu"):
+        assert summary[key] > 0
+    assert set(summary["steps"]) >= {"dense_iso_param", "wide", "deep"}

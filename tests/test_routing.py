@@ -183,3 +183,9 @@ def test_xmoe_variant_is_low_dimensional_cosine_routing_with_learned_temperature
     assert router.proj_in.shape[1] == cfg.d_space < cfg.d_model
     shared = MoETransformer(resolve("path_b4_xmoe", "tiny").model)
     assert len(shared.routers) == 1 and shared.router_for_layer(3) is shared.router_for_layer(0)
+
+
+def test_expert_counts_match_bincount():
+    from moe_core.routing import expert_counts
+    idx = torch.randint(0, 7, (50, 3), generator=torch.Generator().manual_seed(0))
+    assert expert_counts(idx, 9).tolist() == torch.bincount(idx.flatten(), minlength=9).tolist()
