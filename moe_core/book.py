@@ -12,6 +12,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -211,6 +212,28 @@ def glue_verdict(key: str, verdict) -> None:
     from myst_nb import glue
 
     glue(key, Markdown(f"**{verdict.outcome}** ({verdict.reason})"), display=False)
+
+
+_VERDICT = re.compile(r"^\*\*(?P<outcome>[a-z]+)\*\* \((?P<reason>.*)\)$", re.S)
+_RECORD = "application/papermill.record/text/markdown"
+
+
+def collect_verdicts(names: list[str], executed: Path = EXECUTED):
+    """Every verdict glued by the executed notebooks `names`, in order: a DataFrame, one row per claim."""
+    import pandas as pd
+
+    rows = []
+    for name in names:
+        path = executed / f"{name}.ipynb"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} has not been executed yet; run the book's plan first")
+        for cell in json.loads(path.read_text())["cells"]:
+            for output in cell.get("outputs", []):
+                key = output.get("metadata", {}).get("scrapbook", {}).get("name", "")
+                match = _VERDICT.match(output.get("data", {}).get(_RECORD, "")) if key.startswith("verdict_") else None
+                if match:
+                    rows.append({"chapter": name, "claim": key.removeprefix("verdict_"), **match.groupdict()})
+    return pd.DataFrame(rows, columns=["chapter", "claim", "outcome", "reason"])
 
 
 def glue_figure(key: str, fig) -> None:

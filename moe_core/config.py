@@ -68,6 +68,7 @@ class ModelConfig:
     router_frozen: bool = False  # random-fixed (cosine) / Rand-MoE (linear): router never trains
     router_per_hop: bool = False  # decoupled routing: one proj_in per hop
     router_block: int = 1  # consecutive layers sharing one router (PathMoE B; 1 = independent)
+    router_decision_block: int = 1  # MonoB: consecutive layers reusing the first one's (idx, weights) (1 = off)
     router_lowrank: int = 0  # LowRank-MoE rank r: W_l = W_base + A_l B_l (0 = off)
     router_hidden: int = 128  # Recurrent-MoE: GRU state size carried across layers
     kinematic_vectors: bool = False  # allocate the paper's unused M x d_space navigation vectors
@@ -279,6 +280,11 @@ def validate(cfg: RunConfig) -> RunConfig:
                  m.expert_backend, "SwiGLU experts take auto, grouped, sorted, masked or loop")
     _require(1 <= m.router_block <= m.n_layers and m.n_layers % m.router_block == 0, "model.router_block",
              m.router_block, f"must divide n_layers={m.n_layers}")
+    divisors = [b for b in range(1, m.n_layers + 1) if m.n_layers % b == 0]
+    _require(m.router_decision_block in divisors, "model.router_decision_block", m.router_decision_block,
+             f"must divide n_layers={m.n_layers}; choose one of {', '.join(map(str, divisors))}")
+    _require(m.router_decision_block == 1 or set(hops) == {1}, "model.router_decision_block", m.router_decision_block,
+             "decision forcing reuses one decision per layer, so it needs hops=1")
     if m.router == "cosine":
         _require(1 <= m.d_space <= m.d_model, "model.d_space", m.d_space, f"must be in [1, d_model={m.d_model}]")
         _require(m.tau > 0, "model.tau", m.tau, "must be > 0")

@@ -5,7 +5,9 @@
     logits = LN_f(x) @ embed.T
 
 FFN is a dense SiLU MLP or an MoE layer (trajectory.MoELayer). The model owns the routers and
-hands each MoE layer its router, so block-shared routers are literally one module.
+hands each MoE layer its router, so block-shared routers are literally one module. Decision
+forcing (MonoB-MoE, `router_decision_block` > 1) hands every layer of a block a replay of the
+decision its first layer's router made; each layer still applies its own experts.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .routing import build_routers
+from .routing import Routing, build_routers
 from .trajectory import HopEvent, Interventions, MoELayer
 
 
@@ -69,6 +71,25 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = MoELayer(cfg, layer) if cfg.ffn == "moe" else DenseFFN(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+
+
+class DecisionReplay:
+    """MonoB: routes with `router` on the first call, then returns that same decision to every later call.
+
+    Later calls get copies of the expert ids and weights, so each layer owns its tensors (telemetry
+    saves them side by side); gradients still reach the router through every layer's weights.
+    Interventions that relabel experts act per layer, on the replayed decision.
+    """
+
+    def __init__(self, router: nn.Module):
+        self.router, self.decision = router, None
+
+    def decide(self, h: torch.Tensor, layer: int, hop: int, keys: torch.Tensor | None = None) -> Routing:
+        if self.decision is None:
+            self.decision = self.router.decide(h, layer, hop, keys)
+            return self.decision
+        d = self.decision
+        return Routing(d.idx.clone(), d.weights.clone(), d.probs, d.logits)
 
 
 @dataclass
@@ -126,13 +147,19 @@ class MoETransformer(nn.Module):
         x = self.drop(self.embed(tokens))
         out = ModelOutput(logits=None, loss=None)
         hops = []
+        decision_block = self.cfg.router_decision_block
         for layer, block in enumerate(self.blocks):
             attn = block.attn(block.ln1(x), self.rope_cos, self.rope_sin)
             x = x + block.drop(attn)
             h = block.ln2(x)
             if isinstance(block.ffn, MoELayer):
                 alpha = None if self.alpha is None else self.alpha[min(layer, len(self.alpha) - 1)]
-                ffn, events, done = block.ffn(h, self.router_for_layer(layer), tokens, alpha, iv)
+                router = self.router_for_layer(layer)
+                if decision_block > 1:  # MonoB: the block's first layer decides for all of its layers
+                    if layer % decision_block == 0:
+                        replay = DecisionReplay(router)
+                    router = replay
+                ffn, events, done = block.ffn(h, router, tokens, alpha, iv)
                 out.events += events
                 hops.append(done)
             else:

@@ -31,12 +31,14 @@ def router_macs(cfg: ModelConfig) -> int:
 
 
 def ffn_macs(cfg: ModelConfig, layer: int) -> int:
-    """Multiply-adds of one layer's FFN for one token: dense, or routing plus active experts per hop."""
+    """Multiply-adds of one layer's FFN for one token: dense, or routing plus active experts per hop
+    (under decision forcing only the first layer of a block routes)."""
     d = cfg.d_model
     if cfg.ffn == "dense":
         return 2 * d * cfg.d_ff
     per_expert = 2 * cfg.expert_rank * d if cfg.expert == "rank" else 3 * d * cfg.expert_d_ff
-    return cfg.hops_per_layer()[layer] * (router_macs(cfg) + cfg.top_k * per_expert)
+    routes = layer % cfg.router_decision_block == 0
+    return cfg.hops_per_layer()[layer] * (routes * router_macs(cfg) + cfg.top_k * per_expert)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:

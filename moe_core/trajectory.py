@@ -9,11 +9,13 @@
 
 With H = 1 this is an ordinary top-k MoE layer, which is how the PathMoE settings use it.
 Inference-only interventions: relative-norm halting (a token stops once
-||dh|| / (||x + h_accum|| + 1e-6) < eps; the hop that triggers it counts as executed) and
-frozen routing (every hop reuses the hop-0 decision).
+||dh|| / (||x + h_accum|| + 1e-6) < eps; the hop that triggers it counts as executed),
+frozen routing (every hop reuses the hop-0 decision), and the robustness perturbations of the
+PathMoE spec 4.6 (relabelled expert ids, Gaussian noise on the router input).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +44,25 @@ class Interventions:
     freeze_routing: bool = False  # reuse the hop-0 routing at every hop
     zero_moe: bool = False  # the MoE layer outputs zero (expert-contribution test)
     trace: bool = False  # keep every hop's update dh in the events
-    expert_permutation: list[torch.Tensor] | None = None  # per layer: expert id e is replaced by perm[e]
+    # per layer: expert id e is replaced by perm[e]; a perm [N, E] holds one row per routed token
+    expert_permutation: list[torch.Tensor] | None = None
+    router_noise: float = 0.0  # sigma: the router sees h + eps * sigma * ||h|| / sqrt(d), eps ~ N(0, I)
+
+
+def add_relative_noise(h: torch.Tensor, sigma: float) -> torch.Tensor:
+    """h + eps * sigma * ||h|| / sqrt(d), eps ~ N(0, I): noise whose norm is about sigma * ||h|| per row."""
+    if not sigma:
+        return h
+    return h + torch.randn_like(h) * (sigma * h.norm(dim=-1, keepdim=True) / math.sqrt(h.shape[-1]))
+
+
+def relabel(routing: Routing, perm: torch.Tensor) -> Routing:
+    """The same decision with expert id e replaced by perm[e] (perm [E]), or by perm[t, e] for token t (perm [N, E])."""
+    perm = perm.to(routing.idx.device)
+    if perm.dim() == 2 and perm.shape[0] != routing.idx.shape[0]:
+        raise ValueError(f"a per-token permutation has {perm.shape[0]} rows for {routing.idx.shape[0]} routed tokens")
+    idx = perm[routing.idx] if perm.dim() == 1 else perm.gather(1, routing.idx)
+    return Routing(idx, routing.weights, routing.probs, routing.logits)
 
 
 class MoELayer(nn.Module):
@@ -70,10 +90,9 @@ class MoELayer(nn.Module):
             if hop > 0 and iv.freeze_routing:
                 routing = events[0].routing
             else:
-                routing = router.decide(x + h_accum, self.layer, hop, keys)
+                routing = router.decide(add_relative_noise(x + h_accum, iv.router_noise), self.layer, hop, keys)
                 if iv.expert_permutation is not None:  # robustness test: scramble which expert gets a slot
-                    perm = iv.expert_permutation[self.layer].to(routing.idx.device)
-                    routing = Routing(perm[routing.idx], routing.weights, routing.probs, routing.logits)
+                    routing = relabel(routing, iv.expert_permutation[self.layer])
             dh = self.experts(x + h_accum, routing.idx, routing.weights)
             if iv.halt_eps > 0:
                 dh = dh * active.unsqueeze(-1).to(dh.dtype)

@@ -48,6 +48,22 @@ def test_every_glue_reference_exists(built):
         assert "provenance" in available
 
 
+def test_summary_gathers_every_verdict(built):
+    """The summary page lists exactly the verdicts the chapters glued, each a known outcome."""
+    chapters = book.declared_parameters(book.NOTEBOOKS / "summary.ipynb")["chapters"]
+    verdicts = book.collect_verdicts(chapters)
+    expected = {(name, key.removeprefix("verdict_")) for name, _ in book.load_plan("tiny") if name != "summary"
+                for key in glued_keys(json.loads((book.EXECUTED / f"{name}.ipynb").read_text()))
+                if key.startswith("verdict_")}
+    assert set(zip(verdicts.chapter, verdicts.claim)) == expected and len(verdicts) == len(expected)
+    assert set(verdicts.outcome) <= {"agrees", "disagrees", "undecided"} and verdicts.reason.str.len().min() > 0
+
+
+def test_collect_verdicts_names_a_missing_chapter(tmp_path):
+    with pytest.raises(FileNotFoundError, match="exp_k_tau"):
+        book.collect_verdicts(["exp_k_tau"], tmp_path)
+
+
 def test_unchanged_notebooks_are_not_executed_again(built):
     again = book.execute_plan("tiny", log=lambda *_: None)
     assert not any(r["executed"] for r in again)

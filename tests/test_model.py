@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 
+from moe_core.config import ConfigError
 from moe_core.model import MoETransformer
 from moe_core.params import count_parameters
 from moe_core.trajectory import Interventions
@@ -172,3 +173,66 @@ def test_expert_permutation_relabels_the_routing():
     plain = model(TOKENS)
     assert torch.equal(scrambled.events[0].routing.idx, n - 1 - plain.events[0].routing.idx)
     assert not torch.allclose(scrambled.logits, plain.logits)
+
+
+def test_per_token_expert_permutation():
+    model = build("path_b4")
+    n, n_tokens, layers = model.cfg.n_experts, TOKENS.numel(), model.cfg.n_layers
+    reverse = torch.arange(n).flip(0)
+    every_token = [reverse.expand(n_tokens, -1)] * layers
+    torch.testing.assert_close(model(TOKENS, iv=Interventions(expert_permutation=every_token)).logits,
+                               model(TOKENS, iv=Interventions(expert_permutation=[reverse] * layers)).logits)
+    first_token_only = reverse.expand(n_tokens, -1).clone()
+    first_token_only[1:] = torch.arange(n)
+    routed = model(TOKENS, iv=Interventions(expert_permutation=[first_token_only] * layers)).events[0].routing.idx
+    plain = model(TOKENS).events[0].routing.idx
+    assert torch.equal(routed[0], n - 1 - plain[0]) and torch.equal(routed[1:], plain[1:])
+    with pytest.raises(ValueError, match="rows"):
+        model(TOKENS, iv=Interventions(expert_permutation=[first_token_only[:5]] * layers))
+
+
+def test_router_noise_perturbs_only_the_routing():
+    model = build("path_b4")
+    torch.testing.assert_close(model(TOKENS, iv=Interventions(router_noise=0.0)).logits, model(TOKENS).logits)
+    torch.manual_seed(1)
+    noisy = model(TOKENS, iv=Interventions(router_noise=5.0))
+    torch.manual_seed(1)
+    again = model(TOKENS, iv=Interventions(router_noise=5.0))
+    assert torch.equal(noisy.logits, again.logits)  # the noise comes from torch's generator
+    assert not torch.equal(noisy.events[0].routing.idx, model(TOKENS).events[0].routing.idx)
+    hashed = build("hash")  # a router that never reads h: the experts still see the clean input
+    torch.testing.assert_close(hashed(TOKENS, iv=Interventions(router_noise=5.0)).logits, hashed(TOKENS).logits)
+
+
+def test_monob_reuses_the_first_layers_decision_with_its_own_experts():
+    model = build("monob4")
+    assert model.cfg.router_decision_block == model.cfg.n_layers == 4
+    events = model(TOKENS).events
+    first = events[0].routing
+    assert [e.layer for e in events] == [0, 1, 2, 3]
+    assert all(torch.equal(e.routing.idx, first.idx) for e in events)
+    assert all(torch.equal(e.routing.weights, first.weights) for e in events)
+    experts = [dict(block.ffn.experts.named_parameters()) for block in model.blocks]
+    for name, weight in experts[0].items():
+        assert all(not torch.equal(weight, other[name]) for other in experts[1:])
+    assert len(model.routers) == 1  # one router per block, called once per forward pass
+
+
+def test_monob_blocks_decide_separately_and_relabel_per_layer():
+    model = build("indep_nolbl", router_decision_block=2)
+    idx = [e.routing.idx for e in model(TOKENS).events]
+    assert torch.equal(idx[0], idx[1]) and torch.equal(idx[2], idx[3])
+    assert not torch.equal(idx[1], idx[2])
+    n = model.cfg.n_experts
+    reverse_second = [torch.arange(n), torch.arange(n).flip(0), torch.arange(n), torch.arange(n)]
+    shuffled = [e.routing.idx for e in model(TOKENS, iv=Interventions(expert_permutation=reverse_second)).events]
+    assert torch.equal(shuffled[0], idx[0]) and torch.equal(shuffled[1], n - 1 - idx[0])  # only layer 1 relabelled
+
+
+def test_decision_block_is_validated():
+    with pytest.raises(ConfigError, match="choose one of 1, 2, 4") as err:
+        resolve("path_b4", "tiny", overrides={"model": {"router_decision_block": 3}})
+    assert err.value.key == "model.router_decision_block"
+    with pytest.raises(ConfigError, match="hops=1"):
+        resolve("deep", "tiny", overrides={"model": {"router_decision_block": 2}})
+    assert resolve("monob_L", "smoke").model.router_decision_block == resolve("monob_L", "smoke").model.n_layers

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from moe_core.analysis.paths import (
-    block_path_entropy, consecutive_agreement, consecutive_jaccard, expert_loads, expert_permutations,
-    expert_usage_entropy, path_statistics, routing_record, shuffle_robustness, token_routing_entropy,
-    unique_paths_curve,
+    block_path_entropy, consecutive_agreement, consecutive_correlation, consecutive_jaccard, expert_loads,
+    expert_permutations, expert_usage_entropy, path_class_alignment, path_statistics, router_noise_robustness,
+    routing_record, run_length_histogram, shuffle_robustness, single_layer_shuffle, split_by_block,
+    sustained_engagement, token_class, token_fraction_shuffle, token_permutations, token_routing_entropy,
+    top_path_labels, top_tokens_per_path, unique_paths_curve,
 )
 from moe_core.model import MoETransformer
 from moe_core.variants import resolve
@@ -164,6 +166,102 @@ def test_consecutive_jaccard():
     assert consecutive_jaccard(random_sets)[0] == pytest.approx(random_set_jaccard(16, 4), abs=0.005)
 
 
+def test_consecutive_correlation():
+    peaked, other_peak = torch.tensor([[0.7, 0.1, 0.1, 0.1]]), torch.tensor([[0.1, 0.7, 0.1, 0.1]])
+    uniform = torch.full((1, 4), 0.25)
+    # centred: (0.45, -0.15, -0.15, -0.15) and (-0.15, 0.45, -0.15, -0.15): r = -0.09 / 0.27
+    assert consecutive_correlation([peaked, peaked, other_peak, uniform]) \
+        == [pytest.approx(1.0), pytest.approx(-1 / 3), 0.0]
+    two_tokens = [torch.cat([peaked, peaked]), torch.cat([peaked, other_peak])]
+    assert consecutive_correlation(two_tokens) == [pytest.approx((1 - 1 / 3) / 2)]
+    with pytest.raises(ValueError, match="no router probabilities"):
+        consecutive_correlation([peaked, None])
+
+
+def test_split_by_block():
+    per_pair = [1.0, 0.0, 3.0]  # pairs (0, 1), (1, 2), (2, 3) of 4 layers
+    assert split_by_block(per_pair, 2) == {"within_block": 2.0, "across_blocks": 0.0}
+    ones, whole = split_by_block(per_pair, 1), split_by_block(per_pair, 4)
+    assert math.isnan(ones["within_block"]) and ones["across_blocks"] == pytest.approx(4 / 3)
+    assert whole["within_block"] == pytest.approx(4 / 3) and math.isnan(whole["across_blocks"])
+    with pytest.raises(ValueError):
+        split_by_block(per_pair, 3)
+
+
+def test_run_lengths_and_sustained_engagement():
+    top1 = torch.tensor([[3, 3, 5, 5, 5],   # runs of 2 and 3
+                         [1, 1, 1, 1, 1],   # one run of 5
+                         [0, 1, 0, 1, 0]])  # five runs of 1
+    hist = run_length_histogram(top1)
+    assert hist == [5, 1, 1, 0, 1]
+    assert sum((i + 1) * h for i, h in enumerate(hist)) == top1.numel()
+    assert sustained_engagement(top1) == pytest.approx(1 / 3)
+    assert sustained_engagement(top1, min_run=3) == pytest.approx(2 / 3)
+    assert sustained_engagement(top1, min_run=1) == 1.0
+
+# ---------------------------------------------------------------------------------------------
+# paths and linguistic function
+
+
+def test_token_class():
+    cases = {",": "punctuation", " .": "punctuation", "\n": "punctuation", "": "punctuation",
+             " 1984": "digit", "2nd": "digit", " The": "function", "of": "function",
+             " Paris": "capitalised", "ing": "word", " house": "word"}
+    assert {text: token_class(text) for text in cases} == cases
+
+
+# path A x5, B x4, C x1; with m = 2, C is the "rest"
+PATH_A, PATH_B, PATH_C = [0, 1, 2], [2, 1, 0], [0, 0, 0]
+LING_TOP1 = torch.tensor([PATH_A] * 5 + [PATH_B] * 4 + [PATH_C])
+LING_TOKENS = torch.tensor([5, 5, 5, 7, 9] + [1, 1, 1, 2] + [3])
+LING_CLASSES = ["p", "p", "p", "p", "d"] + ["d"] * 4 + ["w"]
+
+
+def entropy(*ps):
+    return -sum(p * math.log2(p) for p in ps)
+
+
+def test_top_path_labels():
+    assert top_path_labels(LING_TOP1, 2).tolist() == [0] * 5 + [1] * 4 + [2]
+    assert top_path_labels(LING_TOP1, 5).tolist() == [0] * 5 + [1] * 4 + [2]  # fewer paths than m: no rest
+
+
+def test_path_class_alignment():
+    # contingency: path A (p 4, d 1), path B (d 4), rest (w 1)
+    a = path_class_alignment(LING_TOP1, LING_CLASSES, 2)
+    h_path, h_class, h_joint = entropy(0.5, 0.4, 0.1), entropy(0.4, 0.5, 0.1), entropy(0.4, 0.1, 0.4, 0.1)
+    assert a["purity"] == pytest.approx(0.9)
+    assert a["nmi"] == pytest.approx(2 * (h_path + h_class - h_joint) / (h_path + h_class))
+    assert a["majority_class"] == 0.5 and a["rest_fraction"] == pytest.approx(0.1)
+    aligned = random_top1(5000, 2, 4)
+    classes = [str(path) for path in aligned.tolist()]  # the class is the path itself
+    b = path_class_alignment(aligned, classes, 16)
+    assert b["purity"] == 1.0 and b["nmi"] == pytest.approx(1.0) and b["rest_fraction"] == 0.0
+    assert b["nmi_shuffled"] < 0.05
+
+
+def test_top_tokens_per_path():
+    rows = top_tokens_per_path(LING_TOP1, LING_TOKENS, 2, n_top=2)
+    assert rows == [{"path": tuple(PATH_A), "tokens": 5, "top": [(5, 3), (7, 1)]},
+                    {"path": tuple(PATH_B), "tokens": 4, "top": [(1, 3), (2, 1)]}]
+    assert len(top_tokens_per_path(LING_TOP1, LING_TOKENS, 10)) == 3
+
+# ---------------------------------------------------------------------------------------------
+# robustness tables
+
+
+def test_token_permutations():
+    tables = token_permutations(10, 3, 8, rho=0.3, seed=1)
+    perms = expert_permutations(3, 8, seed=1)
+    identity = torch.arange(8)
+    moved = [{t for t in range(10) if not torch.equal(table[t], identity)} for table in tables]
+    assert len(moved[0]) == 3 and moved[0] == moved[1] == moved[2]  # the same tokens at every layer
+    for table, perm, rows in zip(tables, perms, moved):
+        assert all(torch.equal(table[t], perm) for t in rows)
+    assert all(torch.equal(t, perm.expand(10, -1)) for t, perm in zip(token_permutations(10, 3, 8, 1.0, seed=1), perms))
+    assert all(torch.equal(t, identity.expand(10, -1)) for t in token_permutations(10, 3, 8, 0.0, seed=1))
+
+
 def random_set_jaccard(n, k):
     """Exact mean Jaccard of two uniformly random k-subsets of n (the overlap is hypergeometric).
 
@@ -190,6 +288,8 @@ def test_routing_record_shapes():
     # PathB4 shares one router across the 4 layers: the metrics all run on the record
     assert path_statistics(rec["top1"])["tokens"] == n
     assert len(consecutive_agreement(rec["top1"], 8)) == 3 and len(consecutive_jaccard(rec["topk"])) == 3
+    assert all(-1.0 <= r <= 1.0 for r in consecutive_correlation(rec["probs"]))
+    assert sum(run_length_histogram(rec["top1"])) >= n
     assert all(0.0 <= h <= 3.0 for h in token_routing_entropy(rec["probs"]))
 
 
@@ -211,6 +311,32 @@ def test_shuffle_robustness():
     assert shuffled["clean_ppl"] == identity["clean_ppl"]
     assert shuffled["shuffled_ppl"] != shuffled["clean_ppl"]
     assert shuffled["increase_pct"] == pytest.approx(100 * (shuffled["shuffled_ppl"] / shuffled["clean_ppl"] - 1))
+
+
+def test_single_layer_shuffle():
+    model = build()
+    result = single_layer_shuffle(model, BATCHES, CPU, seed=3)
+    assert len(result["per_layer_pct"]) == 4
+    assert result["increase_pct"] == pytest.approx(sum(result["per_layer_pct"]) / 4)
+    only_layer_2 = shuffle_robustness(model, BATCHES, CPU, seed=3, layers=[2])
+    assert result["per_layer_pct"][2] == pytest.approx(only_layer_2["increase_pct"])
+
+
+def test_token_fraction_shuffle():
+    model = build()
+    none, everyone = token_fraction_shuffle(model, BATCHES, CPU, [0.0, 1.0], seed=0)
+    assert none["increase_pct"] == 0.0 and none["rho"] == 0.0
+    assert everyone["ppl"] == pytest.approx(shuffle_robustness(model, BATCHES, CPU, seed=0)["shuffled_ppl"])
+
+
+def test_router_noise_robustness():
+    model = build()
+    state = torch.get_rng_state()
+    quiet, loud = router_noise_robustness(model, BATCHES, CPU, [0.0, 3.0], seed=0)
+    assert torch.equal(torch.get_rng_state(), state)  # torch's global generator is left alone
+    assert quiet["jaccard"] == 1.0 and quiet["increase_pct"] == 0.0
+    assert loud["jaccard"] < 1.0 and loud["sigma"] == 3.0
+    assert router_noise_robustness(model, BATCHES, CPU, [3.0], seed=0) == [loud]
 
 
 def test_dense_models_are_rejected():

@@ -32,6 +32,12 @@ def test_moe_flops_count_active_experts_and_every_routing_decision():
     assert train_flops_per_token(resolve("hash", "smoke").model, 64) < train_flops_per_token(wide, 64)
 
 
+def test_decision_forcing_routes_once_per_block():
+    indep, monob = resolve("indep", "smoke").model, resolve("monob4", "smoke").model
+    routing = monob.n_experts * monob.d_model  # a linear router's multiply-adds per decision
+    assert train_flops_per_token(indep, 64) - train_flops_per_token(monob, 64) == 6 * routing * (8 - 2)
+
+
 def test_matmul_peak_is_positive_and_cached():
     first = matmul_peak_flops("cpu", torch.float32, torch.get_num_threads())
     assert first > 1e8 and matmul_peak_flops("cpu", torch.float32, torch.get_num_threads()) == first

@@ -36,7 +36,7 @@ def cache(shared_cache):
 # Dropout and accumulation on, so a resumed run must redraw the same masks and micro-batches.
 CFG = resolve("deep", "tiny", overrides={"train": {"steps": 12, "checkpoint_every": 4, "eval_every": 4,
                                                    "accum_steps": 2}, "model": {"dropout": 0.1}})
-TIMING = ("tokens_per_s", "train_seconds")
+TIMING = ("tokens_per_s", "mfu", "train_seconds")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # child processes use the thread count of this one (see one_thread)
 
 

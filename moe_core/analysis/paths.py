@@ -1,23 +1,29 @@
-"""Routing paths across depth: the PathMoE paper's path analyses (PathMoE spec 4.1-4.4, 4.6).
+"""Routing paths across depth: the PathMoE paper's path analyses (PathMoE spec 4.1-4.6).
 
     record              routing_record                                  (4.0)
     routing entropy     expert_usage_entropy, token_routing_entropy     (4.1 a, b)
     path concentration  path_statistics, unique_paths_curve,
                         block_path_entropy                              (4.2, 4.3)
-    cross-layer         consecutive_agreement, consecutive_jaccard      (4.4)
+    cross-layer         consecutive_agreement, consecutive_jaccard,
+                        consecutive_correlation, split_by_block,
+                        run_length_histogram, sustained_engagement      (4.4)
+    linguistic paths    token_class, top_path_labels,
+                        path_class_alignment, top_tokens_per_path       (4.5)
     load                expert_loads                                    (7.3)
-    robustness          shuffle_robustness                              (4.6)
+    robustness          shuffle_robustness, single_layer_shuffle,
+                        token_fraction_shuffle, router_noise_robustness (4.6)
 
 A token's path is the tuple of its top-1 experts over the MoE layers, pi(t) = (e_1, ..., e_L).
-Only routing_record and shuffle_robustness run a model; the other functions take plain arrays
+Only routing_record and the robustness functions run a model; the other functions take plain arrays
 (top1 [N, L], per-layer top-k [N, k] or probabilities [N, E], torch or numpy) so they can be
 checked on hand-built tables and applied to records pooled over many batches. Results are
 plain floats, ints and lists.
 
 Index symmetry (spec 7.5): expert ids are arbitrary labels in independently parameterised
 layers, so index-based cross-layer measures (agreement, Jaccard) are only meaningful where a
-router is shared; `consecutive_agreement` also reports NMI and Hungarian-aligned agreement,
-which do not change under a relabelling of either layer's experts.
+router is shared (Pearson correlation of probabilities and run lengths are index-based too);
+`consecutive_agreement` also reports NMI and Hungarian-aligned agreement, which do not change
+under a relabelling of either layer's experts.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from ..evaluate import evaluate
 from ..model import MoETransformer
 from ..trajectory import Interventions
-from .mechanism import _forward, _require_moe, set_jaccard
+from .mechanism import _forward, _require_moe, cosine, set_jaccard
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -70,20 +76,27 @@ def _path_counts(top1) -> np.ndarray:
     """How many tokens follow each distinct path, most frequent first."""
     return np.sort(np.bincount(_path_ids(top1)))[::-1]
 
+
+def _require_probs(p, layer: int) -> torch.Tensor:
+    """One layer's router probabilities as a float64 tensor; a ValueError where there are none (hash)."""
+    if p is None:
+        raise ValueError(f"layer {layer} has no router probabilities (hash routing?)")
+    return torch.as_tensor(p).double()
+
 # ---------------------------------------------------------------------------------------------
 # recording a model's routing (4.0)
 
 
-def routing_record(model: MoETransformer, tokens: torch.Tensor) -> dict:
+def routing_record(model: MoETransformer, tokens: torch.Tensor, iv: Interventions | None = None) -> dict:
     """Every token's routing at every MoE layer's first hop, on CPU (spec 4.0).
 
     tokens [B, T] are flattened row-major into N = B*T tokens. Returns {"tokens": [N] ids,
     "top1": LongTensor [N, L] (idx[:, 0]: top-k is sorted by probability), "topk": per layer
     [N, k], "probs": per layer [N, E] fp32, or None where the router has no probabilities (hash)}.
-    Records of several batches pool with torch.cat along dim 0.
+    Records of several batches pool with torch.cat along dim 0. `iv` perturbs the routing (4.6).
     """
     _require_moe(model, "routing_record")
-    events = [e for e in _forward(model, tokens, Interventions()).events if e.hop == 0]
+    events = [e for e in _forward(model, tokens, iv or Interventions()).events if e.hop == 0]
     events.sort(key=lambda e: e.layer)
     topk = [e.routing.idx.cpu() for e in events]
     probs = [None if e.routing.probs is None else e.routing.probs.float().cpu() for e in events]
@@ -128,9 +141,7 @@ def token_routing_entropy(probs: list) -> list[float]:
     """
     out = []
     for layer, p in enumerate(probs):
-        if p is None:
-            raise ValueError(f"layer {layer} has no router probabilities (hash routing?)")
-        p = torch.as_tensor(p).double()
+        p = _require_probs(p, layer)
         out.append(-torch.special.xlogy(p, p).sum(dim=-1).mean().item() / math.log(2) + 0.0)
     return out
 
@@ -234,8 +245,150 @@ def consecutive_jaccard(topk: list) -> list[float]:
     sets = [torch.as_tensor(s) for s in topk]
     return [set_jaccard(a, b).mean().item() for a, b in zip(sets, sets[1:])]
 
+
+def consecutive_correlation(probs: list) -> list[float]:
+    """Per pair of consecutive layers, the mean over tokens of the Pearson correlation of p_l and p_l+1 (spec 4.4).
+
+    The correlation runs over the E experts of one token; a token whose distribution is uniform in
+    either layer counts as 0. Index-based, like consecutive_jaccard (see the module docstring).
+    """
+    centred = []
+    for layer, p in enumerate(probs):
+        p = _require_probs(p, layer)
+        centred.append(p - p.mean(dim=-1, keepdim=True))
+    return [cosine(a, b).mean().item() for a, b in zip(centred, centred[1:])]
+
+
+def split_by_block(per_pair: list[float], block: int) -> dict:
+    """Means of a per-pair measure over the pairs inside a block and those straddling a block boundary (spec 4.4).
+
+    per_pair[l] belongs to layers (l, l+1), as consecutive_* return it; a side without pairs is nan.
+    """
+    n_layers = len(per_pair) + 1
+    if block < 1 or n_layers % block:
+        raise ValueError(f"block={block} does not divide the {n_layers} layers")
+    within = [v for layer, v in enumerate(per_pair) if (layer + 1) % block]
+    across = [v for layer, v in enumerate(per_pair) if not (layer + 1) % block]
+    return {"within_block": float(np.mean(within)) if within else math.nan,
+            "across_blocks": float(np.mean(across)) if across else math.nan}
+
+
+def _runs(top1) -> tuple[np.ndarray, np.ndarray]:
+    """Every maximal run of one top-1 expert over consecutive layers: (the run's token, its length)."""
+    top1 = _numpy(top1)
+    n, n_layers = top1.shape
+    tokens, lengths = [], []
+    run = np.ones(n, dtype=np.int64)
+    for layer in range(1, n_layers + 1):
+        ends = np.ones(n, dtype=bool) if layer == n_layers else top1[:, layer] != top1[:, layer - 1]
+        tokens.append(np.flatnonzero(ends))
+        lengths.append(run[ends])
+        run = np.where(ends, 1, run + 1)
+    return np.concatenate(tokens), np.concatenate(lengths)
+
+
+def run_length_histogram(top1) -> list[int]:
+    """h[i] = number of runs of i + 1 consecutive layers keeping one top-1 expert, for i < L (spec 4.4).
+
+    A token whose path is (3, 3, 5, 5, 5) has one run of 2 and one of 3; each token's runs sum to L.
+    """
+    _, lengths = _runs(top1)
+    return np.bincount(lengths, minlength=_numpy(top1).shape[1] + 1)[1:].tolist()
+
+
+def sustained_engagement(top1, min_run: int = 4) -> float:
+    """Share of tokens that keep one top-1 expert through >= min_run consecutive layers (spec 4.4)."""
+    tokens, lengths = _runs(top1)
+    return len(np.unique(tokens[lengths >= min_run])) / _numpy(top1).shape[0]
+
 # ---------------------------------------------------------------------------------------------
-# robustness to shuffled expert ids (4.6)
+# paths and linguistic function (4.5)
+
+
+FUNCTION_WORDS = frozenset(
+    "a an the and or but nor if as of in on at to by for from with into about than that this these those "
+    "it its he she they we you i his her their our my your is was are were be been has have had do does "
+    "did not no so which who whom whose what when where".split())
+
+
+def token_class(text: str) -> str:
+    """Coarse linguistic class of a decoded token, standing in for POS tags (spec 4.5).
+
+    "punctuation" (no letter or digit: also whitespace and special tokens), "digit" (starts with
+    one), "function" (a word of FUNCTION_WORDS, any case), "capitalised" or "word" (the rest,
+    subword pieces included). Surrounding whitespace (BPE's leading space) is ignored.
+    """
+    word = text.strip()
+    if not any(c.isalnum() for c in word):
+        return "punctuation"
+    if word[0].isdigit():
+        return "digit"
+    if word.lower() in FUNCTION_WORDS:
+        return "function"
+    return "capitalised" if word[0].isupper() else "word"
+
+
+def top_path_labels(top1, m: int) -> np.ndarray:
+    """Per token, its path's rank among the m most frequent paths (0 = most frequent), or m ("rest"): [N].
+
+    Paths of equal frequency rank in a fixed, arbitrary order.
+    """
+    ids = _path_ids(top1)
+    counts = np.bincount(ids)
+    ranked = np.argsort(-counts, kind="stable")[:m]
+    rank = np.full(len(counts), m)
+    rank[ranked] = np.arange(len(ranked))
+    return rank[ids]
+
+
+def path_class_alignment(top1, classes, m: int, seed: int = 0) -> dict:
+    """How well the m most frequent paths (the rest pooled) sort tokens by class (spec 4.5, claim C8).
+
+    Returns {"purity": sum over path-IDs of the largest class count / N, "nmi": NMI(path-ID; class),
+    "nmi_shuffled": the same with the classes randomly permuted over tokens (a chance level),
+    "majority_class": the purity of one single path-ID, "rest_fraction": tokens pooled as rest}.
+    """
+    labels = top_path_labels(top1, m)
+    class_names, class_ids = np.unique(np.asarray(classes), return_inverse=True)
+    size = max(m + 1, len(class_names))
+    counts = cooccurrence(labels, class_ids, size)
+    shuffled = cooccurrence(labels, np.random.default_rng(seed).permutation(class_ids), size)
+    n = counts.sum()
+    return {"purity": float(counts.max(axis=1).sum() / n), "nmi": normalized_mutual_information(counts),
+            "nmi_shuffled": normalized_mutual_information(shuffled),
+            "majority_class": float(counts.sum(axis=0).max() / n), "rest_fraction": float(np.mean(labels == m))}
+
+
+def top_tokens_per_path(top1, tokens, m: int, n_top: int = 10) -> list[dict]:
+    """The m most frequent paths, each with its most frequent token ids, for qualitative reading (spec 4.5).
+
+    One row per path, most frequent first: {"path": tuple of experts, "tokens": count,
+    "top": [(token id, count), ...] (at most n_top, most frequent first)}.
+    """
+    top1, tokens = _numpy(top1), _numpy(tokens).reshape(-1)
+    labels = top_path_labels(top1, m)
+    rows = []
+    for rank in range(min(m, labels.max(initial=-1) + 1)):
+        on_path = labels == rank
+        ids, counts = np.unique(tokens[on_path], return_counts=True)
+        order = np.argsort(-counts, kind="stable")[:n_top]
+        rows.append({"path": tuple(int(e) for e in top1[np.argmax(on_path)]), "tokens": int(on_path.sum()),
+                     "top": [(int(ids[i]), int(counts[i])) for i in order]})
+    return rows
+
+# ---------------------------------------------------------------------------------------------
+# robustness to routing perturbations (4.6)
+
+
+def _ppl(model: MoETransformer, batches, device: torch.device, precision: str,
+         iv: Interventions | None = None) -> float:
+    """Validation perplexity over `batches`, under the interventions `iv`."""
+    return evaluate(model, batches, device, precision, iv)["val_ppl"]
+
+
+def _increase_pct(clean: float, perturbed: float) -> float:
+    """Delta-PPL% = 100 (perturbed / clean - 1)."""
+    return 100.0 * (perturbed / clean - 1.0)
 
 
 def expert_permutations(n_layers: int, n_experts: int, seed: int = 0, layers=None) -> list[torch.Tensor]:
@@ -250,9 +403,24 @@ def expert_permutations(n_layers: int, n_experts: int, seed: int = 0, layers=Non
     return [perm if layer in chosen else torch.arange(n_experts) for layer, perm in enumerate(perms)]
 
 
+def token_permutations(n_tokens: int, n_layers: int, n_experts: int, rho: float, seed: int = 0) -> list[torch.Tensor]:
+    """Per layer a [n_tokens, E] table permuting the expert ids of a random share rho of the tokens (spec 4.6 iii).
+
+    round(rho * n_tokens) positions, the same at every layer, get that layer's permutation from
+    expert_permutations(seed); the other rows are the identity.
+    """
+    chosen = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))[:round(rho * n_tokens)]
+    tables = []
+    for perm in expert_permutations(n_layers, n_experts, seed):
+        table = torch.arange(n_experts).repeat(n_tokens, 1)
+        table[chosen] = perm
+        tables.append(table)
+    return tables
+
+
 def shuffle_robustness(model: MoETransformer, batches, device: torch.device, seed: int = 0, layers=None,
                        precision: str = "auto") -> dict:
-    """Perplexity clean vs with expert ids permuted at every layer, or only at `layers` (spec 4.6).
+    """Perplexity clean vs with expert ids permuted at every layer, or only at `layers` (spec 4.6 i).
 
     The routing decision is kept (same gates), but expert id e is served by expert perm[e].
     Returns {"clean_ppl", "shuffled_ppl", "increase_pct" = 100 (shuffled / clean - 1), "layers"}
@@ -261,7 +429,65 @@ def shuffle_robustness(model: MoETransformer, batches, device: torch.device, see
     _require_moe(model, "shuffle_robustness")
     n_layers = model.cfg.n_layers
     perms = expert_permutations(n_layers, model.cfg.n_experts, seed, layers)
-    clean = evaluate(model, batches, device, precision)["val_ppl"]
-    shuffled = evaluate(model, batches, device, precision, Interventions(expert_permutation=perms))["val_ppl"]
-    return {"clean_ppl": clean, "shuffled_ppl": shuffled, "increase_pct": 100.0 * (shuffled / clean - 1.0),
+    clean = _ppl(model, batches, device, precision)
+    shuffled = _ppl(model, batches, device, precision, Interventions(expert_permutation=perms))
+    return {"clean_ppl": clean, "shuffled_ppl": shuffled, "increase_pct": _increase_pct(clean, shuffled),
             "layers": list(range(n_layers)) if layers is None else sorted(layers)}
+
+
+def single_layer_shuffle(model: MoETransformer, batches, device: torch.device, seed: int = 0,
+                         precision: str = "auto") -> dict:
+    """Delta-PPL% with the expert ids of one layer at a time permuted, and its mean over layers (spec 4.6 i').
+
+    Returns {"clean_ppl", "per_layer_pct": one Delta-PPL% per layer, "increase_pct": their mean}.
+    """
+    _require_moe(model, "single_layer_shuffle")
+    n_layers, n_experts = model.cfg.n_layers, model.cfg.n_experts
+    clean = _ppl(model, batches, device, precision)
+    per_layer = [_increase_pct(clean, _ppl(model, batches, device, precision, Interventions(
+        expert_permutation=expert_permutations(n_layers, n_experts, seed, [layer])))) for layer in range(n_layers)]
+    return {"clean_ppl": clean, "per_layer_pct": per_layer, "increase_pct": float(np.mean(per_layer))}
+
+
+def token_fraction_shuffle(model: MoETransformer, batches, device: torch.device, rhos, seed: int = 0,
+                           precision: str = "auto") -> list[dict]:
+    """Delta-PPL% when a random share rho of the tokens have their expert ids permuted at every layer (spec 4.6 iii).
+
+    The tokens are positions in a [B, T] batch, so every batch must have the same shape; rho = 1
+    is shuffle_robustness over all layers. One row per rho: {"rho", "clean_ppl", "ppl", "increase_pct"}.
+    """
+    _require_moe(model, "token_fraction_shuffle")
+    n_tokens = batches[0][0].numel()
+    clean = _ppl(model, batches, device, precision)
+    rows = []
+    for rho in rhos:
+        tables = token_permutations(n_tokens, model.cfg.n_layers, model.cfg.n_experts, rho, seed)
+        ppl = _ppl(model, batches, device, precision, Interventions(expert_permutation=tables))
+        rows.append({"rho": rho, "clean_ppl": clean, "ppl": ppl, "increase_pct": _increase_pct(clean, ppl)})
+    return rows
+
+
+def router_noise_robustness(model: MoETransformer, batches, device: torch.device, sigmas, seed: int = 0,
+                            precision: str = "auto") -> list[dict]:
+    """Top-k overlap and Delta-PPL% under Gaussian noise on the router input at relative scale sigma (spec 4.6 ii).
+
+    Every router sees h + eps * sigma * ||h|| / sqrt(d); experts still see h. One row per sigma:
+    {"sigma", "jaccard": mean over tokens and layers of Jaccard(S_clean, S_noisy) of the top-k
+    sets (batches of equal shape), "clean_ppl", "ppl", "increase_pct"}. The noise is drawn from
+    `seed`, leaving torch's global generator as it was.
+    """
+    _require_moe(model, "router_noise_robustness")
+    clean_sets = [routing_record(model, x)["topk"] for x, _ in batches]
+    clean = _ppl(model, batches, device, precision)
+    rows = []
+    for sigma in sigmas:
+        iv = Interventions(router_noise=sigma)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            noisy_sets = [routing_record(model, x, iv)["topk"] for x, _ in batches]
+            ppl = _ppl(model, batches, device, precision, iv)
+        jaccard = np.mean([set_jaccard(a, b).mean().item() for clean_batch, noisy_batch in zip(clean_sets, noisy_sets)
+                           for a, b in zip(clean_batch, noisy_batch)])
+        rows.append({"sigma": sigma, "jaccard": float(jaccard), "clean_ppl": clean, "ppl": ppl,
+                     "increase_pct": _increase_pct(clean, ppl)})
+    return rows
