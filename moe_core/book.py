@@ -4,7 +4,9 @@ A plan (`book/plans/<profile>.yaml`) lists notebooks in dependency order with th
 Each notebook's executed copy (`executed/<name>.ipynb`) records a key: a hash of the notebook,
 its parameters, the moe_core sources, the torch version and the keys of every notebook before it.
 An unchanged key skips the notebook, so a warm rebuild only re-renders; training runs are cached
-separately in the run store. papermill, nbformat and jupyter-book are imported only here.
+separately in the run store. The HTML is built from a staged copy (`_build/src`) in which the
+executed notebooks sit at their sources' paths (notebooks/), so launch buttons open the clean
+notebook in the repository. papermill, nbformat and jupyter-book are imported only here.
 """
 from __future__ import annotations
 
@@ -179,11 +181,52 @@ def execute_plan(profile: str, log=print) -> list[dict]:
     return records
 
 
+def repository_url() -> str | None:
+    """The repository launch buttons point at: $MOE_BOOK_REPOSITORY, else git's `origin` as https, else None."""
+    url = os.environ.get("MOE_BOOK_REPOSITORY")
+    if url is None:
+        found = subprocess.run(["git", "remote", "get-url", "origin"], cwd=ROOT, capture_output=True, text=True)
+        url = found.stdout.strip() if found.returncode == 0 else ""
+    match = re.match(r"^(?:git@([^:]+):|https?://([^/]+)/)([^/]+/[^/]+?)(?:\.git)?/?$", url)
+    return f"https://{match[1] or match[2]}/{match[3]}" if match else None
+
+
+def book_config(repository: str | None) -> dict:
+    """_config.yml, plus launch buttons (Binder, Colab) and a repository button when the repository is known."""
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    if repository:
+        config["repository"] = {"url": repository, "branch": "main", "path_to_book": ""}
+        config["launch_buttons"] = {"notebook_interface": "jupyterlab", "binderhub_url": "https://mybinder.org",
+                                    "colab_url": "https://colab.research.google.com"}
+        config.setdefault("html", {})["use_repository_button"] = True
+    return config
+
+
+def stage_sources(stage: Path) -> None:
+    """The book's sources as jupyter-book sees them: the chapters, and the executed notebooks under
+    notebooks/, the path of their clean sources in the repository, which launch buttons open."""
+    import shutil
+
+    if stage.exists():
+        shutil.rmtree(stage)
+    shutil.copytree(ROOT / "book", stage / "book")
+    shutil.copy2(ROOT / "_toc.yml", stage / "_toc.yml")
+    (stage / "notebooks").mkdir()
+    for notebook in EXECUTED.glob("[!.]*.ipynb"):
+        shutil.copy2(notebook, stage / "notebooks" / notebook.name)
+
+
 def build_html(log=print) -> Path:
-    """jupyter-book build with execution off (the notebooks are already executed), warnings as errors."""
+    """jupyter-book build of the staged sources, execution off (the notebooks ran already), warnings as errors."""
+    stage = ROOT / "_build" / "src"
+    stage_sources(stage)
+    repository = repository_url()
+    atomic_write(stage / "_config.yml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(book_config(repository))))
+    log(f"book: launch buttons for {repository}" if repository else
+        "book: no launch buttons (no git remote `origin`; set MOE_BOOK_REPOSITORY=https://github.com/<org>/<repo>)")
     executable = Path(sys.executable).parent / "jupyter-book"
-    cmd = [str(executable if executable.exists() else "jupyter-book"), "build", str(ROOT), "--builder", "html",
-           "-W", "-n", "--keep-going"]
+    cmd = [str(executable if executable.exists() else "jupyter-book"), "build", str(stage), "--path-output", str(ROOT),
+           "--builder", "html", "-W", "-n", "--keep-going"]
     log("book: " + " ".join(cmd))
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
     return ROOT / "_build" / "html" / "index.html"

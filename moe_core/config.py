@@ -15,7 +15,7 @@ from typing import Any
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "ffn": ("moe", "dense"),
-    "expert": ("rank", "swiglu"),
+    "expert": ("rank", "swiglu", "static"),
     "router": ("cosine", "linear", "hash", "recurrent"),
     "hash_key": ("token", "position"),
     "residual": ("accum", "literal"),
@@ -53,7 +53,8 @@ class ModelConfig:
     ffn: str = "moe"  # "moe" or "dense"
     d_ff: int = 0  # dense FFN width (iso-FLOP 12, iso-parameter 1120 at paper scale)
     # --- MoE experts
-    expert: str = "rank"  # "rank": rank-r SiLU experts (ST-MoE); "swiglu": FFN experts (PathMoE)
+    expert: str = "rank"  # "rank": rank-r SiLU experts (ST-MoE); "swiglu": FFN experts (PathMoE);
+    # "static": the paper's original V_sem experts, one fixed vector each (Table 17)
     n_experts: int = 1024
     expert_rank: int = 1
     expert_d_ff: int = 0  # hidden width of a SwiGLU expert
@@ -86,7 +87,7 @@ class ModelConfig:
         """Active FFN neurons per token per layer (H*K*r for MoE, d_ff for dense), layer mean."""
         if self.ffn == "dense":
             return self.d_ff
-        width = self.expert_rank if self.expert == "rank" else self.expert_d_ff
+        width = {"rank": self.expert_rank, "swiglu": self.expert_d_ff, "static": 0}[self.expert]
         return round(sum(self.hops_per_layer()) / self.n_layers * self.top_k * width)
 
 
@@ -274,6 +275,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         _require(m.expert_rank >= 1, "model.expert_rank", m.expert_rank, "must be >= 1")
         _require(m.expert_backend not in ("grouped", "sorted"), "model.expert_backend", m.expert_backend,
                  "rank experts take auto, gather, masked or loop")
+    elif m.expert == "static":
+        _require(m.expert_backend in ("auto", "loop"), "model.expert_backend", m.expert_backend,
+                 "static experts take auto or loop")
     else:
         _require(m.expert_d_ff >= 1, "model.expert_d_ff", m.expert_d_ff, "SwiGLU experts need expert_d_ff >= 1")
         _require(m.expert_backend in ("auto", "grouped", "sorted", "masked", "loop"), "model.expert_backend",

@@ -174,7 +174,38 @@ class SwiGLUExperts(nn.Module):
         return out
 
 
+class StaticExperts(nn.Module):
+    """M static experts (the paper's original V_sem design): expert i adds its own vector V_i, so a
+    hop's update sum_i w_i V_i depends on the input only through the routing (the "linear trap")."""
+
+    def __init__(self, n_experts: int, d_model: int, n_layers: int, backend: str = "auto"):
+        super().__init__()
+        self.vectors = nn.Parameter(torch.empty(n_experts, d_model))
+        self.backend = backend
+        nn.init.normal_(self.vectors, std=0.02 / math.sqrt(2 * n_layers))
+
+    def forward(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.backend == "loop":
+            return self.forward_loop(h, idx, weights)
+        return self.forward_gather(h, idx, weights)
+
+    def forward_gather(self, h, idx, weights):
+        """The weighted sum of the k selected vectors, one batched gather."""
+        return torch.einsum("nk,nkd->nd", weights.to(self.vectors.dtype), self.vectors[idx]).to(h.dtype)
+
+    def forward_loop(self, h, idx, weights):
+        """Reference: one expert at a time."""
+        out = torch.zeros_like(h)
+        for e in range(self.vectors.shape[0]):
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out = out.index_add(0, rows, weights[rows, slot].to(h.dtype).unsqueeze(-1) * self.vectors[e].to(h.dtype))
+        return out
+
+
 def build_experts(cfg: ModelConfig) -> nn.Module:
+    if cfg.expert == "static":
+        return StaticExperts(cfg.n_experts, cfg.d_model, cfg.n_layers, cfg.expert_backend)
     if cfg.expert == "rank":
         return RankExperts(cfg.n_experts, cfg.d_model, cfg.expert_rank, cfg.n_layers, cfg.expert_backend)
     return SwiGLUExperts(cfg.n_experts, cfg.d_model, cfg.expert_d_ff, cfg.n_layers, cfg.expert_backend)

@@ -36,7 +36,7 @@ def ffn_macs(cfg: ModelConfig, layer: int) -> int:
     d = cfg.d_model
     if cfg.ffn == "dense":
         return 2 * d * cfg.d_ff
-    per_expert = 2 * cfg.expert_rank * d if cfg.expert == "rank" else 3 * d * cfg.expert_d_ff
+    per_expert = {"rank": 2 * cfg.expert_rank * d, "swiglu": 3 * d * cfg.expert_d_ff, "static": d}[cfg.expert]
     routes = layer % cfg.router_decision_block == 0
     return cfg.hops_per_layer()[layer] * (routes * router_macs(cfg) + cfg.top_k * per_expert)
 

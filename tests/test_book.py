@@ -34,7 +34,7 @@ def test_every_notebook_executes_and_the_book_builds(built):
     assert [r["notebook"] for r in built["notebooks"]] == [name for name, _ in book.load_plan("tiny")]
     assert (book.ROOT / "_build" / "html" / "index.html").exists()
     for name, _ in book.load_plan("tiny"):
-        assert (book.ROOT / "_build" / "html" / "executed" / f"{name}.html").exists()
+        assert (book.ROOT / "_build" / "html" / "notebooks" / f"{name}.html").exists()
 
 
 def test_every_glue_reference_exists(built):
@@ -100,3 +100,21 @@ def test_injected_unknown_parameter_is_rejected_inside_the_notebook():
 def test_every_plan_is_valid():
     for profile in ("tiny", "smoke", "paper"):
         assert book.load_plan(profile)
+
+
+@pytest.mark.parametrize("remote,url", [
+    ("git@github.com:org/moe-book.git", "https://github.com/org/moe-book"),
+    ("https://gitlab.com/org/moe-book.git", "https://gitlab.com/org/moe-book"),
+    ("https://github.com/org/moe-book", "https://github.com/org/moe-book"),
+    ("/srv/git/moe-book", None),
+    ("", None),
+])
+def test_launch_buttons_follow_the_repository(monkeypatch, remote, url):
+    monkeypatch.setenv("MOE_BOOK_REPOSITORY", remote)
+    assert book.repository_url() == url
+    config = book.book_config(url)
+    if url:
+        assert config["repository"]["url"] == url and config["launch_buttons"]["binderhub_url"]
+        assert config["html"]["use_repository_button"]
+    else:
+        assert "launch_buttons" not in config and "repository" not in config

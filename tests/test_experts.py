@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe_core.experts import RankExperts, SwiGLUExperts
+from moe_core.experts import RankExperts, StaticExperts, SwiGLUExperts
 from moe_core.routing import select_top_k
 
 
@@ -44,6 +44,30 @@ def test_rank_experts_fast_paths_match_loop(path, n, d, m, rank, k):
 def test_swiglu_fast_paths_match_loop(path, n, d, e, f, k):
     torch.manual_seed(n)
     assert_matches_loop(SwiGLUExperts(e, d, f, n_layers=2), path, n, d, e, k)
+
+
+@pytest.mark.parametrize("n,d,m,k", [(30, 8, 16, 4), (7, 4, 64, 12)])
+def test_static_experts_gather_matches_loop(n, d, m, k):
+    torch.manual_seed(n)
+    bank = StaticExperts(m, d, n_layers=2)
+    h, logits, k = routed_inputs(n, d, m, k, seed=m)
+    results = []
+    for path in ("forward_gather", "forward_loop"):  # h gets no gradient: the update ignores it
+        logits.grad, bank.vectors.grad = None, None
+        r = select_top_k(logits, k)
+        out = getattr(bank, path)(h, r.idx, r.weights)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        results.append([out.detach(), logits.grad.clone(), bank.vectors.grad.clone()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_static_expert_update_ignores_the_input_beyond_routing():
+    bank = StaticExperts(5, 3, n_layers=1)
+    idx, w = torch.tensor([[1, 4]]), torch.tensor([[0.25, 0.75]])
+    expected = 0.25 * bank.vectors[1] + 0.75 * bank.vectors[4]
+    for h in (torch.zeros(1, 3), torch.randn(1, 3)):
+        torch.testing.assert_close(bank(h, idx, w)[0], expected)
 
 
 def test_auto_backend_picks_a_tested_path():
