@@ -49,11 +49,9 @@ def grid_workers(configs: list[RunConfig]) -> int:
     return max(1, cores // threads.pop())
 
 
-def train_missing(configs: list[RunConfig], run_root: str | Path | None, workers: int, desc: str) -> dict[str, dict]:
-    """Train the configs that have no results yet, `workers` at a time in fresh processes.
-
-    Returns the results of the runs trained now, by run directory."""
-    root = Path(run_root) if run_root else default_run_root()
+def train_missing(configs: list[RunConfig], root: Path, workers: int, desc: str) -> dict[str, dict]:
+    """Train the configs that have no results in the run store `root` yet, `workers` at a time in
+    fresh processes. Returns the results of the runs trained now, by run directory."""
     missing = {str(store.run_dir(cfg, root)): cfg for cfg in configs}  # a spec listed twice trains once
     missing = {run: cfg for run, cfg in missing.items() if not (Path(run) / "results.json").exists()}
     trained = {}
@@ -79,12 +77,11 @@ def run_grid(specs: list[RunSpec], profile: str, run_root: str | Path | None = N
     """Train every spec that is not in the store yet (`workers` at a time, default `grid_workers`);
     one row per run, in the order of `specs` (`cached`: it was in the store before this call)."""
     configs = [spec.config(profile) for spec in specs]  # every config is validated before any work
-    trained = train_missing(configs, run_root, grid_workers(configs) if workers is None else workers,
-                            f"runs ({profile})")
+    root = Path(run_root) if run_root else default_run_root()
+    trained = train_missing(configs, root, grid_workers(configs) if workers is None else workers, f"runs ({profile})")
     rows = []
     for spec, cfg in zip(specs, configs):
-        result = trained.pop(str(store.run_dir(cfg, Path(run_root) if run_root else default_run_root())), None)
-        result = result or train(cfg, run_root, progress=False)
+        result = trained.pop(str(store.run_dir(cfg, root)), None) or train(cfg, root, progress=False)
         rows.append({"label": spec.label or spec.variant, "variant": spec.variant, "seed": spec.seed,
                      "val_loss": result["val_loss"], "val_ppl": result["val_ppl"],
                      "train_seconds": result["train_seconds"], "tokens_per_s": result["tokens_per_s"],
