@@ -141,7 +141,7 @@ def bench_swiglu_dispatch(args, device: torch.device, d: int, d_ff: int, k: int,
         row = {"loop": dispatch_case(bank, lambda *a: library_style_loop(bank, *a), n_tokens, k, device, args.repeats)}
         for backend in ("sorted", "grouped", "masked"):
             row[backend] = dispatch_case(bank, getattr(bank, f"forward_{backend}"), n_tokens, k, device, args.repeats)
-        row["grouped_mm"] = grouped_mm_supported(torch.empty(0, d, device=device), bank.w_gate, bank.w_out)
+        row["grouped_mm"] = grouped_mm_supported(torch.float32, device, bank.w_gate, bank.w_out)
         results[n_experts] = row
     return results
 

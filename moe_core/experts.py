@@ -19,17 +19,18 @@ from .routing import expert_counts
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM can run these shapes here: torch >= 2.9, rows 16-byte aligned,
-    and on CUDA a Hopper-class GPU (sm90+) with bf16 operands."""
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM can multiply `dtype` operands by these weights on `device`: torch >= 2.9,
+    rows 16-byte aligned, and on CUDA a Hopper-class GPU (sm90+) with bf16 operands."""
     if _GROUPED_MM is None:
         return False
-    if any((w.shape[-1] * x.element_size()) % 16 or (w.shape[-2] * x.element_size()) % 16 for w in weights):
+    size = dtype.itemsize
+    if any((w.shape[-1] * size) % 16 or (w.shape[-2] * size) % 16 for w in weights):
         return False
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
     # torch.compile's shape propagation for it accepts bf16 only (torch 2.13), though eager CPU takes fp32
-    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
+    return device.type == "cpu" and (dtype == torch.bfloat16 or not torch.compiler.is_compiling())
 
 
 def compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -114,10 +115,10 @@ class SwiGLUExperts(nn.Module):
         backend = self.backend
         if backend == "auto":  # grouped GEMMs where torch has them (4x the masked path at E=16, top-4 on
             # CPU, benchmarks/run.py); else compute all experts when they are few per selection
-            if grouped_mm_supported(h[:0].to(compute_dtype(h)), self.w_gate, self.w_out):
-                backend = "grouped"
-            else:
-                backend = "masked" if self.w_gate.shape[0] <= 4 * idx.shape[1] else "sorted"
+            dtype = compute_dtype(h)
+            if grouped_mm_supported(dtype, h.device, self.w_gate, self.w_out):
+                return self._grouped(h, idx, weights, dtype)
+            backend = "masked" if self.w_gate.shape[0] <= 4 * idx.shape[1] else "sorted"
         return getattr(self, f"forward_{backend}")(h, idx, weights)
 
     def forward_masked(self, h, idx, weights):
@@ -138,8 +139,12 @@ class SwiGLUExperts(nn.Module):
         torch's grouped GEMM cannot run (old torch, unaligned widths, pre-Hopper GPUs).
         """
         dtype = compute_dtype(h)
-        if not grouped_mm_supported(h[:0].to(dtype), self.w_gate, self.w_out):
+        if not grouped_mm_supported(dtype, h.device, self.w_gate, self.w_out):
             return self.forward_sorted(h, idx, weights)
+        return self._grouped(h, idx, weights, dtype)
+
+    def _grouped(self, h, idx, weights, dtype):
+        """forward_grouped once its support check has passed (`auto` has made that check already)."""
         order, token, counts = sort_by_expert(idx, self.w_gate.shape[0])
         offsets = counts.cumsum(0).to(torch.int32)
         xs = h[token].to(dtype)

@@ -92,5 +92,5 @@ def test_grouped_falls_back_to_sorted_on_unaligned_widths():
     h, logits, k = routed_inputs(12, 8, 8, 2, seed=3)
     r = select_top_k(logits, k)
     from moe_core.experts import grouped_mm_supported
-    assert not grouped_mm_supported(h, bank.w_gate, bank.w_out)
+    assert not grouped_mm_supported(h.dtype, h.device, bank.w_gate, bank.w_out)
     torch.testing.assert_close(bank.forward_grouped(h, r.idx, r.weights), bank.forward_loop(h, r.idx, r.weights))
