@@ -56,14 +56,15 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 class StepBench:
     """One variant's model, optimizer and a fixed random batch; `step()` is one training step."""
 
-    def __init__(self, variant: str, profile: str, device: torch.device, batch_size: int | None, compile_: bool):
+    def __init__(self, variant: str, profile: str, device: torch.device, batch_size: int | None,
+                 compile_: str | None):
         self.cfg = resolve(variant, profile, 42, {"train.device": device.type})
         t = self.cfg.train
         torch.manual_seed(0)
         self.model = MoETransformer(self.cfg.model).to(device)
         self.optimizer = make_optimizer(self.model, t, device)
         objective = Objective(self.model, self.cfg)
-        self.loss_fn = torch.compile(objective) if compile_ else objective  # --compile, whatever the device
+        self.loss_fn = torch.compile(objective, mode=compile_) if compile_ else objective  # whatever the device
         rows = batch_size or t.batch_size
         tokens = torch.randint(0, self.cfg.model.vocab_size, (rows, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
         self.x, self.y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
@@ -81,7 +82,8 @@ class StepBench:
 
 
 def bench_steps(args, device: torch.device, peak: float) -> dict[str, dict]:
-    benches = {v: StepBench(v, args.profile, device, args.batch_size, args.compile) for v in args.variants}
+    mode = (args.compile_mode or "default") if args.compile or args.compile_mode else None
+    benches = {v: StepBench(v, args.profile, device, args.batch_size, mode) for v in args.variants}
     for bench in benches.values():  # warm-up: allocator, thread pools, compilation
         for _ in range(args.warmup):
             bench.step()
@@ -117,8 +119,9 @@ def library_style_loop(bank: SwiGLUExperts, h, idx, weights):
     return out
 
 
-def dispatch_case(bank, fn, n_tokens: int, k: int, device: torch.device, repeats: int) -> float:
-    """Median seconds of forward + backward through `fn` on fixed random routing."""
+def dispatch_case(bank, fn, n_tokens: int, k: int, device: torch.device, args) -> float:
+    """Median seconds of forward + backward through `fn` on fixed random routing, in the training
+    precision (bf16 autocast on CUDA, where torch's grouped GEMM runs; fp32 on CPU)."""
     g = torch.Generator().manual_seed(0)
     d = bank.w_down.shape[-1] if isinstance(bank, RankExperts) else bank.w_gate.shape[1]
     h = torch.randn(n_tokens, d, generator=g).to(device).requires_grad_()
@@ -126,8 +129,16 @@ def dispatch_case(bank, fn, n_tokens: int, k: int, device: torch.device, repeats
     cotangent = torch.randn(n_tokens, d, generator=g).to(device)
 
     def fwd_bwd():
-        (fn(h, routing.idx, routing.weights) * cotangent).sum().backward()
-    return timed(fwd_bwd, device, repeats)
+        with autocast_for(device, args.precision):
+            out = fn(h, routing.idx, routing.weights)
+        (out.float() * cotangent).sum().backward()
+    return timed(fwd_bwd, device, args.repeats)
+
+
+def matmul_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype matmuls run in under the training precision on this device."""
+    with autocast_for(device, precision):
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
 
 
 def bank_size(bank) -> int:
@@ -138,10 +149,10 @@ def bench_swiglu_dispatch(args, device: torch.device, d: int, d_ff: int, k: int,
     results = {}
     for n_experts in (16, 32, 64):
         bank = SwiGLUExperts(n_experts, d, d_ff, n_layers=8).to(device)
-        row = {"loop": dispatch_case(bank, lambda *a: library_style_loop(bank, *a), n_tokens, k, device, args.repeats)}
+        row = {"loop": dispatch_case(bank, lambda *a: library_style_loop(bank, *a), n_tokens, k, device, args)}
         for backend in ("sorted", "grouped", "masked"):
-            row[backend] = dispatch_case(bank, getattr(bank, f"forward_{backend}"), n_tokens, k, device, args.repeats)
-        row["grouped_mm"] = grouped_mm_supported(torch.float32, device, bank.w_gate, bank.w_out)
+            row[backend] = dispatch_case(bank, getattr(bank, f"forward_{backend}"), n_tokens, k, device, args)
+        row["grouped_mm"] = grouped_mm_supported(matmul_dtype(device, args.precision), device, bank.w_gate, bank.w_out)
         results[n_experts] = row
     return results
 
@@ -151,10 +162,10 @@ def bench_rank_dispatch(args, device: torch.device, d: int, k: int, n_tokens: in
     results = {}
     for m in sizes:
         bank = RankExperts(m, d, 1, n_layers=8).to(device)
-        row = {backend: dispatch_case(bank, getattr(bank, f"forward_{backend}"), n_tokens, k, device, args.repeats)
+        row = {backend: dispatch_case(bank, getattr(bank, f"forward_{backend}"), n_tokens, k, device, args)
                for backend in ("loop", "gather", "masked")}
-        row["gather_bytes"] = 2 * n_tokens * k * d * 4  # w_down[idx] and w_up[idx]: [N, k, 1, d] each
-        row["masked_bytes"] = 2 * n_tokens * m * 4  # activations and gate: [N, M] each
+        row["gather_bytes"] = 2 * n_tokens * k * d * 4  # w_down[idx] and w_up[idx]: [N, k, 1, d] each, fp32
+        row["masked_bytes"] = 2 * n_tokens * m * 4  # activations and gate: [N, M] each, at most fp32
         results[m] = row
     return results
 
@@ -172,6 +183,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per dispatch case")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training objective")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode (implies --compile)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the profile's train.threads, else torch's default)")
     args = parser.parse_args(argv)
@@ -191,7 +204,8 @@ def main(argv=None) -> dict:
     threads = probe.train.threads if args.threads is None else args.threads
     if threads:  # the thread count the profile trains with (smoke: 1, one run per core)
         torch.set_num_threads(threads)
-    peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args.precision = probe.train.precision
+    peak_dtype = matmul_dtype(device, args.precision)
     peak = matmul_peak_flops(device.type, peak_dtype, torch.get_num_threads())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; matmul peak {peak / 1e9:.1f} GFLOP/s ({peak_dtype})")
@@ -221,7 +235,7 @@ def main(argv=None) -> dict:
               f"({row['gather_bytes'] / 2**20:.1f} MiB)  masked {1e3 * row['masked']:.2f} ({row['masked_bytes'] / 2**20:.1f} MiB)")
 
     summary = {
-        "profile": args.profile, "device": name, "torch": torch.__version__, "compile": args.compile,
+        "profile": args.profile, "device": name, "torch": torch.__version__, "compile": args.compile_mode or args.compile,
         "date": time.strftime("%Y-%m-%d"), "matmul_peak_gflops": peak / 1e9,
         "wide_step_over_dense_iso_param": steps["wide"]["ms_per_step"] / base,
         "deep_step_over_dense_iso_param": steps["deep"]["ms_per_step"] / base,

@@ -56,6 +56,8 @@ def run_overrides(args) -> dict:
 
         check_name("corpus", args.corpus, CORPORA)
         overrides["data"]["corpus"] = args.corpus
+    for section, key, value in args.set or ():
+        overrides.setdefault(section, {})[key] = value
     return overrides
 
 
@@ -124,6 +126,19 @@ def shard(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def setting(text: str) -> tuple[str, str, object]:
+    """'section.key=value' -> (section, key, value), the value read as YAML (3e-4, true, [1, 2])."""
+    import yaml
+
+    match = re.fullmatch(r"(\w+)\.(\w+)=(.*)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid setting {text!r}: write section.key=value, e.g. train.eval_batches=16")
+    value = yaml.safe_load(match[3])
+    if isinstance(value, bool) and match[3].lower() not in ("true", "false"):
+        value = match[3]  # YAML 1.1 reads on/off/yes/no as booleans; train.compile=on means the word
+    return match[1], match[2], value
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="override the profile's number of steps")
     p.add_argument("--corpus", help="override the profile's corpus")
@@ -131,6 +146,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-root", type=Path, help="where run directories live (default ./runs)")
     p.add_argument("--cache-dir", type=Path, help="tokenizer/token cache (default ./.cache/moe_core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", type=setting, action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any config key (repeatable), e.g. --set train.eval_batches=16; "
+                        "the run's hash covers it")
 
 
 def parser() -> argparse.ArgumentParser:

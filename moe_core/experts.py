@@ -62,8 +62,9 @@ class RankExperts(nn.Module):
 
     def forward(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         backend = self.backend
-        if backend == "auto":  # measured on CPU: masked wins unless experts are many and k small
-            backend = "masked" if self.w_down.shape[0] <= 128 * idx.shape[1] else "gather"
+        if backend == "auto":  # measured (benchmarks/RESULTS.md): on a GPU masked always wins (H100,
+            # M = 1024: gathered rows ran as small bmms, 46% of Deep's step); on CPU unless M >> k
+            backend = "masked" if h.is_cuda or self.w_down.shape[0] <= 128 * idx.shape[1] else "gather"
         return getattr(self, f"forward_{backend}")(h, idx, weights)
 
     def forward_masked(self, h, idx, weights):
@@ -91,7 +92,7 @@ class RankExperts(nn.Module):
             rows, slot = (idx == e).nonzero(as_tuple=True)
             if rows.numel():
                 act = F.silu(h[rows] @ self.w_down[e].T) * weights[rows, slot].to(h.dtype).unsqueeze(-1)
-                out = out.index_add(0, rows, act @ self.w_up[e])
+                out = out.index_add(0, rows, (act @ self.w_up[e]).to(out.dtype))  # autocast: bf16 product
         return out
 
 

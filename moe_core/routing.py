@@ -162,7 +162,7 @@ def hash_scores(keys: torch.Tensor, n_experts: int, salt: int) -> torch.Tensor:
     key = keys.long().reshape(-1, 1) % _HASH_P
     expert = torch.arange(n_experts, device=keys.device).reshape(1, -1)
     x = (key * 1_103_515_245 + salt) % _HASH_P
-    x = (x + expert * 2_654_435_761 % _HASH_P) % _HASH_P
+    x = (x + expert * 506_952_114 % _HASH_P) % _HASH_P  # 2_654_435_761 mod P: Triton rejects literals >= 2^31
     x = (x * x + 12_345) % _HASH_P
     x = (x * 1_597_334_677 % _HASH_P + key) % _HASH_P
     return (x * x) % _HASH_P

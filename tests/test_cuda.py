@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe_core.experts import SwiGLUExperts, grouped_mm_supported
+from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported
 from moe_core.routing import select_top_k
 from moe_core.train import train
 from moe_core.variants import resolve
@@ -28,6 +28,18 @@ def test_grouped_dispatch_matches_loop_in_bf16():
         if not grouped_mm_supported(torch.bfloat16, h.device, bank.w_gate, bank.w_out):
             pytest.skip("torch's grouped GEMM needs a Hopper-class GPU")
         fast = bank.forward_grouped(h, routing.idx, routing.weights).float()
+        slow = bank.forward_loop(h, routing.idx, routing.weights).float()
+    torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["masked", "gather"])
+def test_rank_dispatch_matches_loop_in_bf16(backend):
+    torch.manual_seed(0)
+    bank = RankExperts(256, 64, 1, n_layers=2).cuda()
+    h = torch.randn(512, 64, device="cuda")
+    routing = select_top_k(torch.randn(512, 256, device="cuda"), 12)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = getattr(bank, f"forward_{backend}")(h, routing.idx, routing.weights).float()
         slow = bank.forward_loop(h, routing.idx, routing.weights).float()
     torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-3)
 

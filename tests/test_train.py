@@ -113,11 +113,22 @@ def test_cli_list_params_train_eval(tmp_path, cache):
     (["train", "--variant", "wide", "--profile", "tiny", "--steps", "-3"], "train.steps"),
     (["train", "--variant", "wide", "--profile", "tiny", "--corpus", "wikipedia"], "valid corpora:"),
     (["params", "--variant", "wide", "--profile", "laptop"], "valid profiles:"),
+    (["train", "--variant", "wide", "--profile", "tiny", "--set", "eval_batches"], "write section.key=value"),
+    (["train", "--variant", "wide", "--profile", "tiny", "--set", "train.eval_batch=2"], "valid keys:"),
 ])
 def test_cli_rejects_bad_input_before_any_work(args, message, tmp_path):
     out = run_cli(*args, env_root=tmp_path)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_set_overrides_any_key():
+    from moe_core.__main__ import parser, run_overrides
+
+    args = parser().parse_args(["train", "--variant", "wide", "--profile", "tiny", "--set", "train.eval_batches=2",
+                                "--set", "train.compile=off", "--set", "model.dropout=0.1", "--steps", "4"])
+    cfg = resolve("wide", "tiny", 42, run_overrides(args))
+    assert (cfg.train.eval_batches, cfg.train.compile, cfg.model.dropout, cfg.train.steps) == (2, "off", 0.1, 4)
 
 
 def test_balance_and_z_loss_options_train(tmp_path, cache):
