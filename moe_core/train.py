@@ -72,8 +72,10 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device)
         skip = p.ndim < 2 or name.endswith(("centroids", "kinematic"))
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # the fused kernel: one pass over all parameters (CPU too: 0.6 ms against 3.8 ms for the per-tensor
+    # loop on the smoke dense model, benchmarks/RESULTS.md)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def auxiliary_loss(events: list[HopEvent], cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
