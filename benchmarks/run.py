@@ -57,14 +57,14 @@ class StepBench:
     """One variant's model, optimizer and a fixed random batch; `step()` is one training step."""
 
     def __init__(self, variant: str, profile: str, device: torch.device, batch_size: int | None,
-                 compile_: str | None):
+                 compile_mode: str | None):
         self.cfg = resolve(variant, profile, 42, {"train.device": device.type})
         t = self.cfg.train
         torch.manual_seed(0)
         self.model = MoETransformer(self.cfg.model).to(device)
         self.optimizer = make_optimizer(self.model, t, device)
         objective = Objective(self.model, self.cfg)
-        self.loss_fn = torch.compile(objective, mode=compile_) if compile_ else objective  # whatever the device
+        self.loss_fn = torch.compile(objective, mode=compile_mode) if compile_mode else objective  # any device
         rows = batch_size or t.batch_size
         tokens = torch.randint(0, self.cfg.model.vocab_size, (rows, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
         self.x, self.y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
@@ -82,8 +82,7 @@ class StepBench:
 
 
 def bench_steps(args, device: torch.device, peak: float) -> dict[str, dict]:
-    mode = (args.compile_mode or "default") if args.compile or args.compile_mode else None
-    benches = {v: StepBench(v, args.profile, device, args.batch_size, mode) for v in args.variants}
+    benches = {v: StepBench(v, args.profile, device, args.batch_size, args.compile_mode) for v in args.variants}
     for bench in benches.values():  # warm-up: allocator, thread pools, compilation
         for _ in range(args.warmup):
             bench.step()
@@ -182,9 +181,10 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (the median counts)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per dispatch case")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the training objective")
+    parser.add_argument("--compile", action="store_const", const="default", dest="compile_mode",
+                        help="torch.compile the training objective (= --compile-mode default)")
     parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                        help="torch.compile mode (implies --compile)")
+                        help="torch.compile the training objective in this mode (reduce-overhead: CUDA graphs)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the profile's train.threads, else torch's default)")
     args = parser.parse_args(argv)
@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
               f"({row['gather_bytes'] / 2**20:.1f} MiB)  masked {1e3 * row['masked']:.2f} ({row['masked_bytes'] / 2**20:.1f} MiB)")
 
     summary = {
-        "profile": args.profile, "device": name, "torch": torch.__version__, "compile": args.compile_mode or args.compile,
+        "profile": args.profile, "device": name, "torch": torch.__version__, "compile": args.compile_mode,
         "date": time.strftime("%Y-%m-%d"), "matmul_peak_gflops": peak / 1e9,
         "wide_step_over_dense_iso_param": steps["wide"]["ms_per_step"] / base,
         "deep_step_over_dense_iso_param": steps["deep"]["ms_per_step"] / base,
