@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from moe_core.__main__ import setting  # noqa: E402
 from moe_core.config import ConfigError  # noqa: E402
 from moe_core.evaluate import autocast_for, resolve_device  # noqa: E402
 from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported  # noqa: E402
@@ -57,15 +58,17 @@ class StepBench:
     """One variant's model, optimizer and a fixed random batch; `step()` is one training step."""
 
     def __init__(self, variant: str, profile: str, device: torch.device, batch_size: int | None,
-                 compile_mode: str | None):
-        self.cfg = resolve(variant, profile, 42, {"train.device": device.type})
+                 compile_mode: str | None, overrides: dict):
+        self.cfg = resolve(variant, profile, 42, {**overrides, "train": {**overrides.get("train", {}), "device": device.type}})
         t = self.cfg.train
         torch.manual_seed(0)
         self.model = MoETransformer(self.cfg.model).to(device)
         self.optimizer = make_optimizer(self.model, t, device)
         objective = Objective(self.model, self.cfg)
         self.loss_fn = torch.compile(objective, mode=compile_mode) if compile_mode else objective  # any device
-        rows = batch_size or t.batch_size
+        # train.micro_batches=fused: the step's accum_steps micro-batches as one batch, as the trainer runs them
+        self.groups = t.accum_steps if t.micro_batches == "fused" else 1
+        rows = (batch_size or t.batch_size) * self.groups
         tokens = torch.randint(0, self.cfg.model.vocab_size, (rows, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
         self.x, self.y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
         self.device, self.precision, self.grad_clip = device, t.precision, t.grad_clip
@@ -74,7 +77,7 @@ class StepBench:
 
     def step(self) -> None:
         with autocast_for(self.device, self.precision):
-            loss, _ = self.loss_fn(self.x, self.y)
+            loss, _ = self.loss_fn(self.x, self.y, self.groups)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
@@ -82,7 +85,8 @@ class StepBench:
 
 
 def bench_steps(args, device: torch.device, peak: float) -> dict[str, dict]:
-    benches = {v: StepBench(v, args.profile, device, args.batch_size, args.compile_mode) for v in args.variants}
+    benches = {v: StepBench(v, args.profile, device, args.batch_size, args.compile_mode, args.overrides)
+               for v in args.variants}
     for bench in benches.values():  # warm-up: allocator, thread pools, compilation
         for _ in range(args.warmup):
             bench.step()
@@ -176,7 +180,9 @@ def parse_args(argv=None):
     parser.add_argument("--profile", default="smoke", help="profile whose shapes are timed (tiny, smoke, paper)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--variants", nargs="+", default=list(STEP_VARIANTS))
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the profile's micro-batch)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per micro-batch (default: the profile's); a step runs one micro-batch, or "
+                             "accum_steps of them as one batch under --set train.micro_batches=fused")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (the median counts)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -185,9 +191,14 @@ def parse_args(argv=None):
                         help="torch.compile the training objective (= --compile-mode default)")
     parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                         help="torch.compile the training objective in this mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--set", type=setting, action="append", metavar="SECTION.KEY=VALUE", default=[],
+                        help="override a config key of every variant, e.g. --set train.micro_batches=fused")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the profile's train.threads, else torch's default)")
     args = parser.parse_args(argv)
+    args.overrides = {}
+    for section, key, value in args.set:
+        args.overrides.setdefault(section, {})[key] = value
     for required in ("dense_iso_param", "wide", "deep"):
         if required not in args.variants:
             args.variants.append(required)
@@ -198,7 +209,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
     try:
-        probe, probe_ffn = resolve("wide", args.profile, 42), resolve("indep", args.profile, 42)
+        probe, probe_ffn = (resolve(v, args.profile, 42, args.overrides) for v in ("wide", "indep"))
     except ConfigError as e:
         raise SystemExit(f"benchmarks/run.py: {e}") from None
     threads = probe.train.threads if args.threads is None else args.threads
@@ -211,8 +222,8 @@ def main(argv=None) -> dict:
     print(f"device: {name}; torch {torch.__version__}; matmul peak {peak / 1e9:.1f} GFLOP/s ({peak_dtype})")
 
     steps = bench_steps(args, device, peak)
-    print(f"\ntrain step at profile {args.profile}, {args.batch_size or probe.train.batch_size} x "
-          f"{probe.train.seq_len} tokens:")
+    rows = (args.batch_size or probe.train.batch_size) * (probe.train.accum_steps if probe.train.micro_batches == "fused" else 1)
+    print(f"\ntrain step at profile {args.profile}, {rows} x {probe.train.seq_len} tokens:")
     print(f"{'variant':<18}{'ms/step':>10}{'tokens/s':>12}{'GFLOP/token':>13}{'MFU':>8}{'x dense_iso_param':>20}")
     base = steps["dense_iso_param"]["ms_per_step"]
     for variant, r in steps.items():
@@ -220,7 +231,7 @@ def main(argv=None) -> dict:
               f"{100 * r['mfu']:>7.1f}%{r['ms_per_step'] / base:>20.2f}")
 
     m, f = probe.model, probe_ffn.model
-    n_tokens = (args.batch_size or probe.train.batch_size) * probe.train.seq_len
+    n_tokens = rows * probe.train.seq_len
     swiglu = bench_swiglu_dispatch(args, device, f.d_model, f.expert_d_ff, f.top_k, n_tokens)
     print(f"\nSwiGLU expert dispatch, fwd+bwd, {n_tokens} tokens, top-{f.top_k}, d_model {f.d_model}, "
           f"d_ff {f.expert_d_ff} (ms; speed-up over the loop):")
@@ -236,7 +247,7 @@ def main(argv=None) -> dict:
 
     summary = {
         "profile": args.profile, "device": name, "torch": torch.__version__, "compile": args.compile_mode,
-        "date": time.strftime("%Y-%m-%d"), "matmul_peak_gflops": peak / 1e9,
+        "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"), "matmul_peak_gflops": peak / 1e9,
         "wide_step_over_dense_iso_param": steps["wide"]["ms_per_step"] / base,
         "deep_step_over_dense_iso_param": steps["deep"]["ms_per_step"] / base,
         "grouped_dispatch_speedup_e32": swiglu[32]["loop"] / swiglu[32]["grouped"],

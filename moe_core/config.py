@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
     "compile": ("auto", "on", "off"),
+    "micro_batches": ("sequential", "fused"),
 }
 
 
@@ -99,6 +100,9 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch
     seq_len: int = 512
     accum_steps: int = 8
+    # "fused": the accum_steps micro-batches of a step run as one batch, the balance loss still taken
+    # per micro-batch, so the objective is the same; one large step is much faster on a large GPU
+    micro_batches: str = "sequential"
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
     warmup_steps: int = 1000

@@ -78,21 +78,22 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device)
                              fused=device.type in ("cuda", "cpu"))
 
 
-def auxiliary_loss(events: list[HopEvent], cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(balance loss, z-loss) over the routing events that have probabilities."""
+def auxiliary_loss(events: list[HopEvent], cfg: RunConfig, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(balance loss, z-loss) over the routing events that have probabilities; the balance loss is
+    taken per micro-batch when the batch holds `groups` of them."""
     t, n_experts = cfg.train, cfg.model.n_experts
     scored = [e for e in events if e.routing.probs is not None]
     zero = torch.zeros(())
     if not scored:
         return zero, zero
     if t.balance_events == "per_layer":
-        groups: dict[int, list] = {}
+        by_layer: dict[int, list] = {}
         for e in scored:
-            groups.setdefault(e.layer, []).append(e.routing)
-        pools = list(groups.values())
+            by_layer.setdefault(e.layer, []).append(e.routing)
+        pools = list(by_layer.values())
     else:
         pools = [[e.routing] for e in scored]
-    terms = torch.stack([switch_balance_loss(pool, n_experts, t.balance_tokens) for pool in pools])
+    terms = torch.stack([switch_balance_loss(pool, n_experts, t.balance_tokens, groups) for pool in pools])
     balance = terms.mean() if t.balance_reduce == "mean" else terms.sum()
     z = torch.stack([router_z_loss(e.routing) for e in scored]).mean() if t.z_loss_coef else zero
     return balance, z
@@ -110,10 +111,11 @@ class Objective(torch.nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """`groups`: how many equal micro-batches x stacks (train.micro_batches = fused)."""
         t = self.cfg.train
         out = self.model(x, y)
-        balance, z = (v.to(out.loss.device) for v in auxiliary_loss(out.events, self.cfg))
+        balance, z = (v.to(out.loss.device) for v in auxiliary_loss(out.events, self.cfg, groups))
         loss = out.loss + t.balance_coef * balance + t.z_loss_coef * z
         return loss, torch.stack((out.loss, balance)).detach()
 
@@ -329,12 +331,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(step_seed(self.cfg.seed, step, self.world.rank))
-        shares = self.shard(step)
+        shares, groups = self.shard(step), 1
+        if t.micro_batches == "fused":  # one batch; the balance loss still sees each micro-batch alone
+            shares, groups = [tuple(torch.cat(part) for part in zip(*shares))], len(shares)
         sums = torch.zeros(2, device=self.device)
         for i, (x, y) in enumerate(shares):
             with self.no_sync(i < len(shares) - 1):
                 with autocast_for(self.device, t.precision):
-                    loss, stats = self.step_fn(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                    loss, stats = self.step_fn(x.to(self.device, non_blocking=True),
+                                               y.to(self.device, non_blocking=True), groups)
                 (loss / len(shares)).backward()
             sums += stats
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip else float("inf"))

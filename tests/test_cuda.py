@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported
-from moe_core.routing import select_top_k
+from moe_core.routing import select_top_k, top_k_indices
 from moe_core.train import train
 from moe_core.variants import resolve
 
@@ -42,6 +42,28 @@ def test_rank_dispatch_matches_loop_in_bf16(backend):
         fast = getattr(bank, f"forward_{backend}")(h, routing.idx, routing.weights).float()
         slow = bank.forward_loop(h, routing.idx, routing.weights).float()
     torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("rows,cols,k", [(32768, 1024, 12), (4096, 1024, 4), (1000, 64, 12), (77, 1000, 12),
+                                         (5, 17, 17), (300, 8192, 1)])
+def test_triton_top_k_matches_torch(rows, cols, k):
+    pytest.importorskip("triton")
+    scores = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)).cuda()
+    got = top_k_indices(scores, k)
+    assert torch.equal(scores.gather(-1, got), scores.topk(k, dim=-1).values)  # ties may order differently
+    assert (got.sort(-1).values.diff(dim=-1) > 0).all(), "distinct columns"
+    compiled = torch.compile(lambda s: s.gather(-1, top_k_indices(s, k)))
+    assert torch.equal(compiled(scores), scores.topk(k, dim=-1).values)
+
+
+def test_triton_top_k_edge_rows():
+    pytest.importorskip("triton")
+    scores = torch.full((3, 10), float("-inf"), device="cuda")
+    scores[1] = torch.tensor([1.0, 5, 5, 2, 5, 0, 0, 0, 0, 0])  # ties go to the lower column
+    scores[2, 7] = float("nan")  # NaN ranks first, as in torch.topk
+    idx = top_k_indices(scores, 4)
+    assert all(len(set(row.tolist())) == 4 for row in idx), "distinct even when every score is -inf"
+    assert idx[1].tolist() == [1, 2, 4, 3] and idx[2, 0].item() == 7
 
 
 def test_benchmark_runs_on_cuda():

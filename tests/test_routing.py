@@ -67,6 +67,19 @@ def test_select_top_k_without_renormalisation():
     torch.testing.assert_close(r.weights, logits.softmax(-1).topk(K, -1).values)
 
 
+def test_renormalised_weights_are_the_full_softmax_renormalised_gradients_included():
+    """select_top_k takes the softmax of the k selected logits; it must equal p_i / sum of the k p_j."""
+    logits = torch.randn(N, M, requires_grad=True)
+    cotangent = torch.randn(N, K)
+    r = select_top_k(logits, K)
+    (grad,) = torch.autograd.grad((r.weights * cotangent).sum(), logits)
+    kept = logits.softmax(-1).gather(1, r.idx)
+    (ref_grad,) = torch.autograd.grad((kept / kept.sum(-1, keepdim=True) * cotangent).sum(), logits)
+    torch.testing.assert_close(r.weights, (kept / kept.sum(-1, keepdim=True)).detach())
+    torch.testing.assert_close(grad, ref_grad)
+    assert torch.equal(r.idx, logits.softmax(-1).topk(K, -1).indices)
+
+
 def test_hash_router_is_deterministic_and_parameter_free():
     router = HashRouter(M, K)
     assert sum(p.numel() for p in router.parameters()) == 0
@@ -145,6 +158,16 @@ def test_switch_balance_loss_is_one_when_balanced():
     # "tokens" normalisation counts each token once per selection: k times larger for top-k
     r2 = select_top_k(torch.randn(N, M), 3)
     torch.testing.assert_close(switch_balance_loss([r2], M, "tokens"), 3 * switch_balance_loss([r2], M))
+
+
+def test_balance_loss_per_micro_batch():
+    r = select_top_k(torch.randn(3 * N, M), K)
+    parts = [Routing(r.idx[i * N:(i + 1) * N], r.weights[i * N:(i + 1) * N], r.probs[i * N:(i + 1) * N], None)
+             for i in range(3)]
+    each = torch.stack([switch_balance_loss([p], M) for p in parts]).mean()
+    torch.testing.assert_close(switch_balance_loss([r], M, groups=3), each)
+    counts = torch.bincount(r.idx.reshape(-1), minlength=M).float()  # groups=1: the textbook formula
+    assert torch.equal(switch_balance_loss([r], M), M * (counts / r.idx.numel() * r.probs.mean(0)).sum())
 
 
 def test_router_z_loss_and_layer_pooled_balance():

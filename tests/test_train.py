@@ -131,6 +131,30 @@ def test_cli_set_overrides_any_key():
     assert (cfg.train.eval_batches, cfg.train.compile, cfg.model.dropout, cfg.train.steps) == (2, "off", 0.1, 4)
 
 
+@pytest.mark.parametrize("variant", ["deep", "path_b4"])
+def test_fused_micro_batches_take_the_sequential_step(variant, tmp_path, cache):
+    """train.micro_batches=fused runs the accum_steps micro-batches as one batch with the balance loss
+    still per micro-batch: the same update as accumulating them one by one, up to float rounding."""
+    grads, stats = [], []
+    for mode in ("sequential", "fused"):
+        cfg = resolve(variant, "tiny", overrides={"train": {"accum_steps": 3, "micro_batches": mode,
+                                                            "balance_events": "per_layer"}})
+        trainer = Trainer(cfg, tmp_path / mode, cache, progress=False)
+        named = list(trainer.model.named_parameters())
+        grads.append({})  # what the optimizer would apply (compared before Adam's sign-like first step)
+        trainer.optimizer.step = lambda: grads[-1].update({k: p.grad.clone() for k, p in named if p.grad is not None})
+        stats.append(trainer.train_step(0))
+    for key in ("loss", "balance", "grad_norm"):
+        torch.testing.assert_close(stats[1][key], stats[0][key], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for key, value in grads[0].items():
+        torch.testing.assert_close(grads[1][key], value, rtol=1e-4, atol=1e-7, msg=key)
+    fused_balance = stats[1]["balance"]
+    cfg = resolve(variant, "tiny", overrides={"train": {"accum_steps": 1, "batch_size": 24, "balance_events": "per_layer"}})
+    whole = Trainer(cfg, tmp_path / "whole", cache, progress=False).train_step(0)["balance"]
+    assert not torch.allclose(whole, fused_balance), "one balance loss over the whole batch is a different objective"
+
+
 def test_balance_and_z_loss_options_train(tmp_path, cache):
     cfg = resolve("deep", "tiny", overrides={"train": {"steps": 3, "balance_events": "per_layer",
                                                        "balance_reduce": "sum", "z_loss_coef": 1e-3}})
