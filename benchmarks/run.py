@@ -1,10 +1,12 @@
 """Training-step and dispatch benchmarks at a profile's shapes, all ratios taken in one process.
 
     python benchmarks/run.py --profile smoke            # CPU, about a minute
-    python benchmarks/run.py --profile paper --device cuda
+    python benchmarks/run.py --profile paper --device cuda --compile
 
 1. Train step (forward + backward + clip + AdamW) of MoE variants and the dense baselines on
-   random tokens, the profile's micro-batch shape; rounds interleave the variants and the median
+   random tokens at the profile's step shape (one micro-batch, or all accum_steps of them as one
+   batch where the profile sets train.micro_batches=fused, as paper does; `--set` overrides any
+   config key of every variant); rounds interleave the variants and the median
    round counts, so drift of the machine hits every variant alike. Reports ms/step, tokens/s,
    model FLOPs per token and MFU against a matmul peak measured here, in the training dtype.
 2. FFN-expert dispatch (SwiGLU experts, fwd + bwd) of every backend against a per-expert loop

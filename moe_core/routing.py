@@ -2,8 +2,9 @@
 
 Every router answers `decide(h, layer, hop, keys) -> Routing`. Score-based routers produce
 logits; `select_top_k` keeps the k highest-scoring experts, weights them by the softmax over all
-M experts (fp32), renormalised over the k by default, and keeps that softmax for the balance loss. The model owns the routers, so sharing one across a block of layers (PathMoE) or
-factorising one across layers (LowRank-MoE) is a matter of which router a layer is handed.
+M experts (fp32), renormalised over the k by default, and keeps that softmax for the balance loss.
+The model owns the routers, so sharing one across a block of layers (PathMoE) or factorising one
+across layers (LowRank-MoE) is a matter of which router a layer is handed.
 """
 from __future__ import annotations
 
