@@ -105,7 +105,7 @@ def bench_steps(args, device: torch.device, peak: float) -> dict[str, dict]:
     for variant, bench in benches.items():
         seconds = statistics.median(rounds[variant])
         tokens_per_s = bench.tokens / seconds
-        results[variant] = {"ms_per_step": 1e3 * seconds, "tokens_per_s": tokens_per_s,
+        results[variant] = {"ms_per_step": 1e3 * seconds, "tokens_per_step": bench.tokens, "tokens_per_s": tokens_per_s,
                             "flops_per_token": bench.flops_per_token,
                             "mfu": tokens_per_s * bench.flops_per_token / peak}
     return results
@@ -224,8 +224,8 @@ def main(argv=None) -> dict:
     print(f"device: {name}; torch {torch.__version__}; matmul peak {peak / 1e9:.1f} GFLOP/s ({peak_dtype})")
 
     steps = bench_steps(args, device, peak)
-    rows = (args.batch_size or probe.train.batch_size) * (probe.train.accum_steps if probe.train.micro_batches == "fused" else 1)
-    print(f"\ntrain step at profile {args.profile}, {rows} x {probe.train.seq_len} tokens:")
+    n_tokens = steps["dense_iso_param"]["tokens_per_step"]  # every variant's step has the same shape
+    print(f"\ntrain step at profile {args.profile}, {n_tokens // probe.train.seq_len} x {probe.train.seq_len} tokens:")
     print(f"{'variant':<18}{'ms/step':>10}{'tokens/s':>12}{'GFLOP/token':>13}{'MFU':>8}{'x dense_iso_param':>20}")
     base = steps["dense_iso_param"]["ms_per_step"]
     for variant, r in steps.items():
@@ -233,7 +233,6 @@ def main(argv=None) -> dict:
               f"{100 * r['mfu']:>7.1f}%{r['ms_per_step'] / base:>20.2f}")
 
     m, f = probe.model, probe_ffn.model
-    n_tokens = rows * probe.train.seq_len
     swiglu = bench_swiglu_dispatch(args, device, f.d_model, f.expert_d_ff, f.top_k, n_tokens)
     print(f"\nSwiGLU expert dispatch, fwd+bwd, {n_tokens} tokens, top-{f.top_k}, d_model {f.d_model}, "
           f"d_ff {f.expert_d_ff} (ms; speed-up over the loop):")
