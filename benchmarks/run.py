@@ -35,7 +35,7 @@ from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported  #
 from moe_core.model import MoETransformer  # noqa: E402
 from moe_core.perf import matmul_peak_flops, sync, train_flops_per_token  # noqa: E402
 from moe_core.routing import select_top_k  # noqa: E402
-from moe_core.train import Objective, make_optimizer  # noqa: E402
+from moe_core.train import Objective, keep_freed_memory, make_optimizer  # noqa: E402
 from moe_core.variants import resolve  # noqa: E402
 
 STEP_VARIANTS = ("dense_iso_param", "dense_iso_flop", "wide", "deep", "indep", "path_b4")
@@ -217,6 +217,8 @@ def main(argv=None) -> dict:
     threads = probe.train.threads if args.threads is None else args.threads
     if threads:  # the thread count the profile trains with (smoke: 1, one run per core)
         torch.set_num_threads(threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does
     args.precision = probe.train.precision
     peak_dtype = matmul_dtype(device, args.precision)
     peak = matmul_peak_flops(device.type, peak_dtype, torch.get_num_threads())

