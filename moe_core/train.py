@@ -136,7 +136,7 @@ def cpu_threads(n: int):
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed blocks (up to 32 MiB each) for reuse rather than hand them back to
     the kernel, so a CPU step does not fault its big tensors (logits, their gradients) in afresh page by
-    page every time: about 5,000 page faults and 10 ms of an 80 ms smoke step (benchmarks/RESULTS.md).
+    page every time: about 5,400 page faults and 8.5 ms of a 79 ms dense smoke step (benchmarks/RESULTS.md).
     Returns whether it applied (glibc only; numerics are untouched)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
