@@ -37,7 +37,8 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Ids of the k largest scores along the last dimension, largest first: the Triton kernel on CUDA
     (torch.topk took 13% of Wide's compiled H100 step), torch.topk of `ordered_int32` keys for fp32 on
     CPU (3/4 of the time of torch.topk of the floats, which was half of Wide's smoke MoE forward),
-    torch.topk elsewhere. All three pick the same ids for finite scores, ties included (tests)."""
+    torch.topk elsewhere. The CPU keys give torch.topk's own ids and order for finite scores, ties
+    included; the Triton kernel breaks ties toward the lower column (tests)."""
     if scores.is_cuda and _triton_topk_indices is not None and scores.shape[-1] <= MAX_COLUMNS:
         flat = scores.reshape(-1, scores.shape[-1]).contiguous()
         return _triton_topk_indices(flat, k).view(*scores.shape[:-1], k)
