@@ -41,8 +41,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate consecutive channel pairs of x by position-dependent angles (`rotate_pairs`).
 
     On CPU in fp32 the rotation runs as one complex product, at a third of the cost of the dozen
-    strided real ops: the same arithmetic, equal to the last bit (bit for bit where torch vectorises
-    the product, as at the smoke head width). bf16 has no complex dtype, and torch.compile fuses the
+    strided real ops: the same arithmetic, equal to the last bit (bit for bit at head widths 16 and 32
+    on the CPU we measured, not at 8). bf16 has no complex dtype, and torch.compile fuses the
     real ops but not complex ones.
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
