@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from moe_core.__main__ import setting  # noqa: E402
+from moe_core.__main__ import add_settings, setting  # noqa: E402
 from moe_core.config import ConfigError  # noqa: E402
-from moe_core.evaluate import autocast_for, resolve_device  # noqa: E402
+from moe_core.evaluate import autocast_for, matmul_dtype, resolve_device  # noqa: E402
 from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported  # noqa: E402
 from moe_core.model import MoETransformer  # noqa: E402
 from moe_core.perf import matmul_peak_flops, sync, train_flops_per_token  # noqa: E402
@@ -125,8 +125,8 @@ def library_style_loop(bank: SwiGLUExperts, h, idx, weights):
 
 
 def dispatch_case(bank, fn, n_tokens: int, k: int, device: torch.device, args) -> float:
-    """Median seconds of forward + backward through `fn` on fixed random routing, in the training
-    precision (bf16 autocast on CUDA, where torch's grouped GEMM runs; fp32 on CPU)."""
+    """Median seconds of forward + backward through `fn` on fixed random routing, in the profile's training
+    precision (`autocast_for`: bf16 on CUDA, where torch's grouped GEMM runs; fp32 on CPU unless it asks for bf16)."""
     g = torch.Generator().manual_seed(0)
     d = bank.w_down.shape[-1] if isinstance(bank, RankExperts) else bank.w_gate.shape[1]
     h = torch.randn(n_tokens, d, generator=g).to(device).requires_grad_()
@@ -138,12 +138,6 @@ def dispatch_case(bank, fn, n_tokens: int, k: int, device: torch.device, args) -
             out = fn(h, routing.idx, routing.weights)
         (out.float() * cotangent).sum().backward()
     return timed(fwd_bwd, device, args.repeats)
-
-
-def matmul_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The dtype matmuls run in under the training precision on this device."""
-    with autocast_for(device, precision):
-        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
 
 
 def bank_size(bank) -> int:
@@ -198,9 +192,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the profile's train.threads, else torch's default)")
     args = parser.parse_args(argv)
-    args.overrides = {}
-    for section, key, value in args.set:
-        args.overrides.setdefault(section, {})[key] = value
+    args.overrides = add_settings({}, args.set)
     for required in ("dense_iso_param", "wide", "deep"):
         if required not in args.variants:
             args.variants.append(required)

@@ -56,7 +56,12 @@ def run_overrides(args) -> dict:
 
         check_name("corpus", args.corpus, CORPORA)
         overrides["data"]["corpus"] = args.corpus
-    for section, key, value in args.set or ():
+    return add_settings(overrides, args.set or ())
+
+
+def add_settings(overrides: dict, settings) -> dict:
+    """overrides with every parsed `--set` (section, key, value) added, later ones winning."""
+    for section, key, value in settings:
         overrides.setdefault(section, {})[key] = value
     return overrides
 

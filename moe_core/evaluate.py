@@ -30,6 +30,12 @@ def autocast_for(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def matmul_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype matmuls run in under `autocast_for(device, precision)`: what an MFU peak is measured in."""
+    with autocast_for(device, precision):
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+
+
 @torch.no_grad()
 def evaluate(model: MoETransformer, batches, device: torch.device, precision: str = "auto",
              iv: Interventions | None = None) -> dict:

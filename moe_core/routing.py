@@ -38,7 +38,7 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     (torch.topk took 13% of Wide's compiled H100 step), torch.topk of `ordered_int32` keys for fp32 on
     CPU (3/4 of the time of torch.topk of the floats, which was half of Wide's smoke MoE forward),
     torch.topk elsewhere. The CPU keys give torch.topk's own ids and order for finite scores, ties
-    included; the Triton kernel breaks ties toward the lower column (tests)."""
+    included (save -0.0 against +0.0); the Triton kernel breaks ties toward the lower column (tests)."""
     if scores.is_cuda and _triton_topk_indices is not None and scores.shape[-1] <= MAX_COLUMNS:
         flat = scores.reshape(-1, scores.shape[-1]).contiguous()
         return _triton_topk_indices(flat, k).view(*scores.shape[:-1], k)
@@ -51,7 +51,7 @@ def ordered_int32(x: torch.Tensor) -> torch.Tensor:
     """fp32 values as int32 keys that order as the floats do: the bits of a non-negative float already
     do; a negative float's magnitude bits are flipped so that larger magnitudes come lower. Differences
     from float order: -0.0 ranks below +0.0, and a NaN ranks by its sign bit (a NaN score means a
-    diverged run, which the trainer stops)."""
+    diverged run, which the trainer stops). The Triton kernel (kernels.py) builds the same keys."""
     bits = x.view(torch.int32)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 

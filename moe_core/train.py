@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import store
 from .config import ConfigError, RunConfig, TrainConfig, validate
 from .data import TrainStream, prepare_data, val_batches
-from .evaluate import autocast_for, evaluate, resolve_device, routing_telemetry
+from .evaluate import autocast_for, evaluate, matmul_dtype, resolve_device, routing_telemetry
 from .model import MoETransformer
 from .params import count_parameters
 from .perf import matmul_peak_flops, train_flops_per_token
@@ -259,8 +259,8 @@ class Trainer:
 
     def peak_flops(self) -> float:
         """The matmul peak MFU is measured against: this device, the training dtype, measured once per process."""
-        bf16 = self.device.type == "cuda" and self.cfg.train.precision != "fp32"
-        return matmul_peak_flops(str(self.device), torch.bfloat16 if bf16 else torch.float32, torch.get_num_threads())
+        dtype = matmul_dtype(self.device, self.cfg.train.precision)
+        return matmul_peak_flops(str(self.device), dtype, torch.get_num_threads())
 
     def load_data(self, cache_dir: Path):
         """Tokenizer and token caches, built by local rank 0 of each machine before the others read them."""
