@@ -118,11 +118,15 @@ class CosineRouter(ScoreRouter):
     def position(self, h: torch.Tensor, hop: int) -> torch.Tensor:
         """The token's unit-norm position in routing space (hop selects the projection)."""
         proj = self.proj_in[min(hop, self.proj_in.shape[0] - 1)]
-        return F.normalize(h @ proj.float().T, dim=-1)
+        return F.normalize((proj.float() @ h.T).T, dim=-1)  # [d_space, N] products: see `logits`
 
     def logits(self, h, layer, hop):
+        """tau * cosine to every centroid. The operands are laid out so that every product, backward
+        included, has the long token dimension last or in the middle: with a d_space = 4 column
+        dimension, CPU BLAS ran [N, M] x [M, 4] and [M, N] x [N, 4] 3-6x slower than the same
+        products transposed (docs/architecture.md, "The CPU step")."""
         centroids = F.normalize(self.centroids.float(), dim=-1)
-        return self.tau * self.position(h, hop) @ centroids.T
+        return self.position(h, hop) @ (self.tau * centroids).T.contiguous()
 
 
 class LinearRouter(ScoreRouter):
@@ -244,11 +248,19 @@ def build_routers(cfg: ModelConfig) -> tuple[nn.ModuleList, list[int]]:
 
 
 def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """How many selections each expert got, [n_experts] int64, without a host sync (CUDA's bincount
-    reads the largest index back to size its output). A scatter-add: compiled, it becomes atomic adds,
-    where index_add became a sort (1 ms of Wide's 59 ms H100 step)."""
+    """How many selections each expert got, [n_experts] int64, without a host sync: bincount on CPU
+    (one op), `scatter_counts` elsewhere (CUDA's bincount reads the largest index back to size its
+    output)."""
     flat = idx.reshape(-1)
-    counts = torch.zeros(n_experts, dtype=torch.int32, device=idx.device)
+    if flat.device.type == "cpu":
+        return torch.bincount(flat, minlength=n_experts)
+    return scatter_counts(flat, n_experts)
+
+
+def scatter_counts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Counts of the ids in `flat` by a scatter-add, which compiles to atomic adds on CUDA (index_add
+    compiled to a sort: 1 ms of Wide's 59 ms H100 step)."""
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=flat.device)
     return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32)).long()
 
 
@@ -269,9 +281,10 @@ def switch_balance_loss(routings: list[Routing], n_experts: int, per: str = "tok
     probs = _pool([r.probs.reshape(groups, -1, n_experts) for r in routings])  # [G, tokens, M]
     if groups > 1:  # count each group's selections in its own range of ids
         idx = idx + n_experts * torch.arange(groups, device=idx.device).unsqueeze(1)
-    counts = expert_counts(idx, groups * n_experts).view(groups, n_experts).float()
-    f = counts / (idx.shape[1] if per == "tokens_k" else probs.shape[1])
-    return n_experts * (f * probs.mean(dim=1)).sum(dim=1).mean()
+    # M * mean_g sum_i f_gi P_gi as one dot product of [G * M] vectors, the scale folded into f: a
+    # dozen small ops fewer per routing event than the formula written out (benchmarks/RESULTS.md)
+    f = expert_counts(idx, groups * n_experts) * (n_experts / (groups * (idx.shape[1] if per == "tokens_k" else probs.shape[1])))
+    return probs.mean(dim=1).flatten() @ f
 
 
 def router_z_loss(routing: Routing) -> torch.Tensor:

@@ -82,26 +82,30 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         keys = self._keys(token_ids, shape)
-        h_accum = torch.zeros_like(x)
-        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        hops_done = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        halting = iv.halt_eps > 0  # the per-token bookkeeping below runs only when tokens may stop
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if halting else None
+        hops_done = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if halting else None
+        h_accum = None  # the sum of the hops' updates; None before the first (adding zeros costs time)
         events: list[HopEvent] = []
         for hop in range(self.hops):
+            state = x if h_accum is None else x + h_accum
             if hop > 0 and iv.freeze_routing:
                 routing = events[0].routing
             else:
-                routing = router.decide(add_relative_noise(x + h_accum, iv.router_noise), self.layer, hop, keys)
+                routing = router.decide(add_relative_noise(state, iv.router_noise), self.layer, hop, keys)
                 if iv.expert_permutation is not None:  # robustness test: scramble which expert gets a slot
                     routing = relabel(routing, iv.expert_permutation[self.layer])
-            dh = self.experts(x + h_accum, routing.idx, routing.weights)
-            if iv.halt_eps > 0:
+            dh = self.experts(state, routing.idx, routing.weights)
+            if halting:
                 dh = dh * active.unsqueeze(-1).to(dh.dtype)
-            h_accum = h_accum + dh
-            hops_done += active
+                hops_done += active
+            h_accum = dh if h_accum is None else h_accum + dh
             events.append(HopEvent(self.layer, hop, routing, dh if iv.trace else None))
-            if iv.halt_eps > 0:
+            if halting:
                 rel = dh.float().norm(dim=-1) / ((x + h_accum).float().norm(dim=-1) + 1e-6)
                 active = active & ~(rel < iv.halt_eps)
+        if hops_done is None:  # without halting every token runs every hop
+            hops_done = torch.full((x.shape[0],), self.hops, dtype=torch.long, device=x.device)
         out = h_accum if alpha is None else alpha.to(h_accum.dtype) * h_accum
         if iv.zero_moe:
             out = torch.zeros_like(out)

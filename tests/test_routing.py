@@ -167,7 +167,11 @@ def test_balance_loss_per_micro_batch():
     each = torch.stack([switch_balance_loss([p], M) for p in parts]).mean()
     torch.testing.assert_close(switch_balance_loss([r], M, groups=3), each)
     counts = torch.bincount(r.idx.reshape(-1), minlength=M).float()  # groups=1: the textbook formula
-    assert torch.equal(switch_balance_loss([r], M), M * (counts / r.idx.numel() * r.probs.mean(0)).sum())
+    probs = r.probs.clone().requires_grad_()
+    ours = switch_balance_loss([Routing(r.idx, r.weights, probs, None)], M)
+    textbook = M * (counts / r.idx.numel() * probs.mean(0)).sum()
+    torch.testing.assert_close(ours, textbook)
+    torch.testing.assert_close(torch.autograd.grad(ours, probs)[0], torch.autograd.grad(textbook, probs)[0])
 
 
 def test_router_z_loss_and_layer_pooled_balance():
@@ -208,10 +212,15 @@ def test_xmoe_variant_is_low_dimensional_cosine_routing_with_learned_temperature
     assert len(shared.routers) == 1 and shared.router_for_layer(3) is shared.router_for_layer(0)
 
 
-def test_expert_counts_match_bincount():
-    from moe_core.routing import expert_counts
+def test_expert_counts_both_ways_match_a_count_by_hand():
+    """CPU counts with bincount, other devices with `scatter_counts`: both must count every id."""
+    from moe_core.routing import expert_counts, scatter_counts
     idx = torch.randint(0, 7, (50, 3), generator=torch.Generator().manual_seed(0))
-    assert expert_counts(idx, 9).tolist() == torch.bincount(idx.flatten(), minlength=9).tolist()
+    by_hand = [sum(int(i) == e for i in idx.flatten()) for e in range(9)]
+    assert by_hand[7:] == [0, 0]
+    assert expert_counts(idx, 9).tolist() == by_hand
+    assert scatter_counts(idx.flatten(), 9).tolist() == by_hand
+    assert expert_counts(idx, 9).dtype == scatter_counts(idx.flatten(), 9).dtype == torch.int64
 
 
 def test_cpu_top_k_on_integer_keys_picks_what_torch_topk_picks():
