@@ -123,7 +123,7 @@ class CosineRouter(ScoreRouter):
     def logits(self, h, layer, hop):
         """tau * cosine to every centroid. The operands are laid out so that every product, backward
         included, has the long token dimension last or in the middle: with a d_space = 4 column
-        dimension, CPU BLAS ran [N, M] x [M, 4] and [M, N] x [N, 4] 3-6x slower than the same
+        dimension, CPU BLAS ran [N, M] x [M, 4] and [M, N] x [N, 4] 2.7-6x slower than the same
         products transposed (docs/architecture.md, "The CPU step")."""
         centroids = F.normalize(self.centroids.float(), dim=-1)
         return self.position(h, hop) @ (self.tau * centroids).T.contiguous()
@@ -281,9 +281,10 @@ def switch_balance_loss(routings: list[Routing], n_experts: int, per: str = "tok
     probs = _pool([r.probs.reshape(groups, -1, n_experts) for r in routings])  # [G, tokens, M]
     if groups > 1:  # count each group's selections in its own range of ids
         idx = idx + n_experts * torch.arange(groups, device=idx.device).unsqueeze(1)
-    # M * mean_g sum_i f_gi P_gi as one dot product of [G * M] vectors, the scale folded into f: a
-    # dozen small ops fewer per routing event than the formula written out (benchmarks/RESULTS.md)
-    f = expert_counts(idx, groups * n_experts) * (n_experts / (groups * (idx.shape[1] if per == "tokens_k" else probs.shape[1])))
+    # M * mean_g sum_i f_gi P_gi as one dot product of [G * M] vectors, the scale folded into f: fewer
+    # small ops forward and backward than the formula written out (Wide's 8 events: 1.64 ms, not 2.50)
+    per_group = idx.shape[1] if per == "tokens_k" else probs.shape[1]
+    f = expert_counts(idx, groups * n_experts) * (n_experts / (groups * per_group))
     return probs.mean(dim=1).flatten() @ f
 
 
