@@ -13,12 +13,15 @@
 2. FFN-expert dispatch (SwiGLU experts, fwd + bwd) of every backend against a per-expert loop
    written the way common MoE libraries' eager paths are (mask per expert, index, matmul,
    index_add), for E in {16, 32, 64}; and rank-1 expert dispatch at the profile's M and at M = 1024.
+3. The routers' top-k (`top_k_indices`: the C++ kernel on CPU, Triton on CUDA) against torch.topk, at
+   the profile's M and at M = 1024, on fresh scores every call (torch.topk is faster on repeated ones).
 
 The last line of standard output is one JSON object with every number (see RESULTS.md).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -35,7 +38,8 @@ from moe_core.evaluate import autocast_for, matmul_dtype, resolve_device  # noqa
 from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported  # noqa: E402
 from moe_core.model import MoETransformer  # noqa: E402
 from moe_core.perf import matmul_peak_flops, sync, train_flops_per_token  # noqa: E402
-from moe_core.routing import select_top_k  # noqa: E402
+from moe_core import cpu_kernels  # noqa: E402
+from moe_core.routing import select_top_k, top_k_indices  # noqa: E402
 from moe_core.train import Objective, keep_freed_memory, make_optimizer  # noqa: E402
 from moe_core.variants import resolve  # noqa: E402
 
@@ -173,6 +177,17 @@ def bench_rank_dispatch(args, device: torch.device, d: int, k: int, n_tokens: in
     return results
 
 
+def bench_topk(args, device: torch.device, n_tokens: int, k: int, sizes) -> dict:
+    """Seconds per call of torch.topk and of top_k_indices, each call on the next of 16 random score matrices."""
+    g = torch.Generator().manual_seed(0)
+    results = {}
+    for m in sizes:
+        pool = itertools.cycle([torch.randn(n_tokens, m, generator=g).to(device) for _ in range(16)])
+        results[m] = {"torch_topk": timed(lambda: next(pool).topk(k, dim=-1), device, 20 * args.repeats),
+                      "top_k_indices": timed(lambda: top_k_indices(next(pool), k), device, 20 * args.repeats)}
+    return results
+
+
 # ------------------------------------------------------------------------ main
 
 def parse_args(argv=None):
@@ -243,6 +258,13 @@ def main(argv=None) -> dict:
         print(f"  M={n_experts:<5} loop {1e3 * row['loop']:.2f}  gather {1e3 * row['gather']:.2f} "
               f"({row['gather_bytes'] / 2**20:.1f} MiB)  masked {1e3 * row['masked']:.2f} ({row['masked_bytes'] / 2**20:.1f} MiB)")
 
+    topk = bench_topk(args, device, n_tokens, m.top_k, sorted({m.n_experts, 1024}))
+    kernel = {"cuda": "Triton"}.get(device.type, "C++ kernel" if cpu_kernels.available() else "torch.topk fallback")
+    print(f"\nrouter top-{m.top_k} over {n_tokens} tokens (ms; top_k_indices here: {kernel}):")
+    for n_experts, row in topk.items():
+        print(f"  M={n_experts:<5} torch.topk {1e3 * row['torch_topk']:.3f}  top_k_indices {1e3 * row['top_k_indices']:.3f} "
+              f"({row['torch_topk'] / row['top_k_indices']:.1f}x)")
+
     summary = {
         "profile": args.profile, "device": name, "torch": torch.__version__, "compile": args.compile_mode,
         "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"), "matmul_peak_gflops": peak / 1e9,
@@ -250,7 +272,8 @@ def main(argv=None) -> dict:
         "deep_step_over_dense_iso_param": steps["deep"]["over_dense_iso_param"],
         "grouped_dispatch_speedup_e32": swiglu[32]["loop"] / swiglu[32]["grouped"],
         "dense_mfu": steps["dense_iso_param"]["mfu"],
-        "steps": steps, "swiglu_dispatch": swiglu, "rank_dispatch": rank,
+        "topk_speedup": topk[m.n_experts]["torch_topk"] / topk[m.n_experts]["top_k_indices"],
+        "steps": steps, "swiglu_dispatch": swiglu, "rank_dispatch": rank, "topk": topk, "topk_kernel": kernel,
     }
     print(json.dumps(summary))
     return summary

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import cpu_kernels
 from .config import ModelConfig
 
 try:  # the Triton top-k, where Triton is installed (it ships with CUDA builds of torch)
@@ -34,15 +34,18 @@ class Routing:
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Ids of the k largest scores along the last dimension, largest first: the Triton kernel on CUDA
-    (torch.topk took 13% of Wide's compiled H100 step), torch.topk of `ordered_int32` keys for fp32 on
-    CPU (3/4 of the time of torch.topk of the floats, which was half of Wide's smoke MoE forward),
-    torch.topk elsewhere. The CPU keys give torch.topk's own ids and order for finite scores, ties
-    included (save -0.0 against +0.0); the Triton kernel breaks ties toward the lower column (tests)."""
+    """Ids of the k largest scores along the last dimension, largest first: a Triton kernel on CUDA
+    (torch.topk took 13% of Wide's compiled H100 step), a C++ kernel for fp32 on CPU (10x torch.topk at
+    1,024 x 64, k = 12, where torch.topk was the largest piece of Wide's smoke step), torch.topk
+    elsewhere. Both kernels break ties toward the lower column. Without a C++ compiler the CPU falls
+    back to torch.topk of `ordered_int32` keys (3/4 of its time on the floats; torch.topk's own ids
+    and order for finite scores, save -0.0 against +0.0)."""
     if scores.is_cuda and _triton_topk_indices is not None and scores.shape[-1] <= MAX_COLUMNS:
         flat = scores.reshape(-1, scores.shape[-1]).contiguous()
         return _triton_topk_indices(flat, k).view(*scores.shape[:-1], k)
     if scores.device.type == "cpu" and scores.dtype == torch.float32:
+        if cpu_kernels.available():
+            return cpu_kernels.topk_indices(scores.reshape(-1, scores.shape[-1]), k).view(*scores.shape[:-1], k)
         return ordered_int32(scores).topk(k, dim=-1).indices
     return scores.topk(k, dim=-1).indices
 
@@ -118,15 +121,22 @@ class CosineRouter(ScoreRouter):
     def position(self, h: torch.Tensor, hop: int) -> torch.Tensor:
         """The token's unit-norm position in routing space (hop selects the projection)."""
         proj = self.proj_in[min(hop, self.proj_in.shape[0] - 1)]
-        return F.normalize((proj.float() @ h.T).T, dim=-1)  # [d_space, N] products: see `logits`
+        return unit_columns(proj.float() @ h.T).T  # [d_space, N] products: see `logits`
 
     def logits(self, h, layer, hop):
         """tau * cosine to every centroid. The operands are laid out so that every product, backward
         included, has the long token dimension last or in the middle: with a d_space = 4 column
         dimension, CPU BLAS ran [N, M] x [M, 4] and [M, N] x [N, 4] 2.7-6x slower than the same
         products transposed (docs/architecture.md, "The CPU step")."""
-        centroids = F.normalize(self.centroids.float(), dim=-1)
-        return self.position(h, hop) @ (self.tau * centroids).T.contiguous()
+        centroids = unit_columns(self.centroids.float().T)  # [d_space, M]
+        return self.position(h, hop) @ (self.tau * centroids).contiguous()
+
+
+def unit_columns(x: torch.Tensor) -> torch.Tensor:
+    """x [d, n] with every column scaled to unit norm: F.normalize(x, dim=0) up to rounding, but as a sum of
+    squares, which CPU torch reduces over a short leading dimension far faster than a norm (7 against
+    109 us at d = 4, n = 1,024)."""
+    return x * (x * x).sum(0).clamp_min(1e-24).rsqrt()
 
 
 class LinearRouter(ScoreRouter):
