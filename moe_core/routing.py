@@ -54,7 +54,8 @@ def ordered_int32(x: torch.Tensor) -> torch.Tensor:
     """fp32 values as int32 keys that order as the floats do: the bits of a non-negative float already
     do; a negative float's magnitude bits are flipped so that larger magnitudes come lower. Differences
     from float order: -0.0 ranks below +0.0, and a NaN ranks by its sign bit (a NaN score means a
-    diverged run, which the trainer stops). The Triton kernel (kernels.py) builds the same keys."""
+    diverged run, which the trainer stops). The Triton and C++ kernels (kernels.py, csrc/topk.cpp) build
+    the same keys, but rank every NaN first."""
     bits = x.view(torch.int32)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
