@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -20,7 +21,9 @@ from pathlib import Path
 import torch
 
 ENV_SWITCH = "MOE_CORE_CPU_KERNELS"
-_NAME = "moe_core_cpu_kernels"
+# one build per torch version: torch's extension cache does not notice a torch upgrade, and a library
+# built against another torch fails to load
+_NAME = "moe_core_cpu_kernels_" + re.sub(r"\W", "_", torch.__version__)
 _SOURCE = Path(__file__).parent / "csrc" / "topk.cpp"
 
 
