@@ -1,11 +1,14 @@
 """C++ kernels for the CPU path, compiled on first use and cached (torch.utils.cpp_extension).
 
-`topk_indices` replaces torch.topk in the routers' top-k on CPU (csrc/topk.cpp says how it works:
-1,024 x 64, k = 12 in 0.09-0.10 ms against torch.topk's 0.98, benchmarks/RESULTS.md). The first call
-in a fresh environment compiles it (about 15 s, once; later processes load the cached library). Where
-it cannot be built (no C++ compiler or ninja) `available()` is False, with one warning saying why,
-and the routers fall back to torch.topk. The environment variable MOE_CORE_CPU_KERNELS picks: unset,
-build and fall back on failure; "0", off; "1", required (a failed build raises; CI sets it).
+- `topk_indices` replaces torch.topk in the routers' top-k (csrc/topk.cpp says how it works: 1,024 x 64,
+  k = 12 in 0.09-0.10 ms against torch.topk's 0.98, benchmarks/RESULTS.md);
+- `cross_entropy` replaces F.cross_entropy in the language-modelling loss (csrc/cross_entropy.cpp: one
+  exponential per logit, not torch's two; the same loss to float rounding).
+
+The first call in a fresh environment compiles them (about 20 s, once; later processes load the cached
+library). Where they cannot be built (no C++ compiler or ninja) `available()` is False, with one warning
+saying why, and the callers fall back to torch operators. The environment variable MOE_CORE_CPU_KERNELS picks:
+unset, build and fall back on failure; "0", off; "1", required (a failed build raises; CI sets it).
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ ENV_SWITCH = "MOE_CORE_CPU_KERNELS"
 # one build per torch version: torch's extension cache does not notice a torch upgrade, and a library
 # built against another torch fails to load
 _NAME = "moe_core_cpu_kernels_" + re.sub(r"\W", "_", torch.__version__)
-_SOURCE = Path(__file__).parent / "csrc" / "topk.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("topk.cpp", "cross_entropy.cpp")]
+# -fno-trapping-math lets float selects vectorise; -fopenmp-simd reads the sources' `omp simd` loops
+_FLAGS = ["-O3", "-fno-trapping-math", "-fopenmp-simd"]
 
 
 @functools.cache
@@ -40,18 +45,19 @@ def _loaded() -> bool:
         from torch.utils import cpp_extension
         _put_ninja_on_path()
         if not _is_built(cpp_extension):
-            print(f"moe_core: compiling the CPU top-k kernel ({_SOURCE.name}); once, about 15 s ...",
+            print(f"moe_core: compiling the CPU kernels ({', '.join(s.name for s in _SOURCES)}); once, about 20 s ...",
                   file=sys.stderr, flush=True)
-        cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3"], is_python_module=False,
-                           verbose=False)
+        cpp_extension.load(name=_NAME, sources=[str(s) for s in _SOURCES], extra_cflags=_FLAGS,
+                           is_python_module=False, verbose=False)
     except Exception as err:  # any build failure: the torch fallback is correct, only slower
         if switch == "1":
-            raise RuntimeError(f"{ENV_SWITCH}=1 but the CPU top-k kernel did not build") from err
+            raise RuntimeError(f"{ENV_SWITCH}=1 but the CPU kernels did not build") from err
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(f"moe_core: the CPU top-k kernel could not be built ({reason}); routing uses torch.topk "
-                      f"instead (same experts, slower). Set {ENV_SWITCH}=0 to skip the attempt.", stacklevel=3)
+        warnings.warn(f"moe_core: the CPU kernels could not be built ({reason}); torch.topk and F.cross_entropy "
+                      f"run instead (same experts, the same loss to float rounding; slower). Set {ENV_SWITCH}=0 to "
+                      f"skip the attempt.", stacklevel=3)
         return False
-    torch.library.register_fake("moe_core::cpu_topk_indices", _topk_shape)
+    torch.library.register_fake("moe_core::cpu_topk_indices", _topk_shape)  # cross_entropy runs eager only
     return True
 
 
@@ -90,3 +96,31 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     if not 0 < k <= scores.shape[1]:
         raise ValueError(f"topk_indices needs 0 < k <= columns, got k={k}, columns={scores.shape[1]}")
     return torch.ops.moe_core.cpu_topk_indices(scores.detach(), k)
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Per-row softmax cross-entropy of [N, V] logits; the forward keeps the softmax for the backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss, probs = torch.ops.moe_core.cpu_softmax_xent(logits, targets)
+        ctx.save_for_backward(probs, targets)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        probs, targets = ctx.saved_tensors
+        return torch.ops.moe_core.cpu_softmax_xent_backward(probs, targets, grad_loss.float()), None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean softmax cross-entropy of fp32 CPU logits [N, V] against class ids [N], as F.cross_entropy
+    (no ignored index, no smoothing), differentiable in the logits. Call only where `available()`."""
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        raise ValueError(f"cross_entropy takes 2-d fp32 CPU logits, got {logits.dtype} {tuple(logits.shape)} "
+                         f"on {logits.device}")
+    if targets.shape != logits.shape[:1] or targets.dtype != torch.long:
+        raise ValueError(f"cross_entropy takes one int64 class id per row of the logits, got {targets.dtype} "
+                         f"{tuple(targets.shape)} for {logits.shape[0]} rows")
+    return _SoftmaxCrossEntropy.apply(logits, targets).mean()
+

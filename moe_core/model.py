@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .config import ModelConfig
 from .routing import Routing, build_routers
 from .trajectory import HopEvent, Interventions, MoELayer
@@ -49,6 +50,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return rotate_pairs(x, cos, sin)
     z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     return torch.view_as_real(z * torch.complex(cos, sin).to(z.dtype)).flatten(-2)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, T, V] against targets [B, T], in fp32. Eager CPU runs use the C++
+    kernel (cpu_kernels.cross_entropy: one exponential per logit, not torch's two; 6.2 -> 2.x ms fwd+bwd at
+    1,024 x 2,048), equal to F.cross_entropy to float rounding; compiled code and GPUs use F.cross_entropy,
+    which torch.compile fuses."""
+    logits, targets = logits.float().flatten(0, 1), targets.flatten()
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.available():
+        return cpu_kernels.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets)
 
 
 class Attention(nn.Module):
@@ -186,6 +198,6 @@ class MoETransformer(nn.Module):
             x = x + block.drop(ffn)
         out.logits = self.ln_f(x) @ self.embed.weight.T
         if targets is not None:
-            out.loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+            out.loss = token_cross_entropy(out.logits, targets)
         out.hops = torch.stack(hops) if hops else None
         return out

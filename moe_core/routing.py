@@ -119,25 +119,79 @@ class CosineRouter(ScoreRouter):
     def tau(self) -> torch.Tensor:
         return self.log_tau.exp()
 
+    def projection(self, hop: int) -> torch.Tensor:
+        """proj_in of this hop, [d_space, d_model] fp32 (the last one serves later hops)."""
+        return self.proj_in[min(hop, self.proj_in.shape[0] - 1)].float()
+
     def position(self, h: torch.Tensor, hop: int) -> torch.Tensor:
         """The token's unit-norm position in routing space (hop selects the projection)."""
-        proj = self.proj_in[min(hop, self.proj_in.shape[0] - 1)]
-        return unit_columns(proj.float() @ h.T).T  # [d_space, N] products: see `logits`
+        return unit_columns(self.projection(hop) @ h.T).T  # [d_space, N] products: see `logits`
 
     def logits(self, h, layer, hop):
         """tau * cosine to every centroid. The operands are laid out so that every product, backward
         included, has the long token dimension last or in the middle: with a d_space = 4 column
         dimension, CPU BLAS ran [N, M] x [M, 4] and [M, N] x [N, 4] 2.7-6x slower than the same
-        products transposed (docs/architecture.md, "The CPU step")."""
+        products transposed (docs/architecture.md, "The CPU step"). Eager CPU runs take the same
+        forward with a hand-written backward (`CosineScores`)."""
+        if h.device.type == "cpu" and not torch.compiler.is_compiling():
+            return CosineScores.apply(h, self.projection(hop), self.centroids.float(), self.log_tau)
         centroids = unit_columns(self.centroids.float().T)  # [d_space, M]
         return self.position(h, hop) @ (self.tau * centroids).contiguous()
 
 
+def inverse_column_norms(x: torch.Tensor) -> torch.Tensor:
+    """1 / the norm of every column of x [d, n], as the root of a sum of squares, which CPU torch reduces over
+    a short leading dimension far faster than a norm (7 against 109 us at d = 4, n = 1,024)."""
+    return (x * x).sum(0).clamp_min(1e-24).rsqrt()
+
+
 def unit_columns(x: torch.Tensor) -> torch.Tensor:
-    """x [d, n] with every column scaled to unit norm: F.normalize(x, dim=0) up to rounding, but as a sum of
-    squares, which CPU torch reduces over a short leading dimension far faster than a norm (7 against
-    109 us at d = 4, n = 1,024)."""
-    return x * (x * x).sum(0).clamp_min(1e-24).rsqrt()
+    """x [d, n] with every column scaled to unit norm: F.normalize(x, dim=0) up to rounding."""
+    return x * inverse_column_norms(x)
+
+
+class CosineScores(torch.autograd.Function):
+    """`CosineRouter.logits` as one autograd node: the same forward operations, and a backward written out.
+
+    On CPU the cosine router's dozen small operations cost more in autograd's bookkeeping than in
+    arithmetic: 0.57 ms forward and backward at 1,024 tokens x 64 experts, 0.43 ms as this node
+    (benchmarks/RESULTS.md). tests/test_routing.py checks it against the traced version. With
+    u = unit(P h) and v = tau unit(c), scores = u^T v; a column scaled to unit norm, u = z / |z|, passes
+    its gradient back as (du - u <u, du>) / |z|.
+    """
+
+    @staticmethod
+    def forward(ctx, h, proj, centroids, log_tau):
+        """h [N, d_model], proj [d_space, d_model], centroids [M, d_space], log_tau [] -> scores [N, M]."""
+        z = proj @ h.T  # [d_space, N]
+        a = inverse_column_norms(z)
+        u = z * a
+        c = centroids.T  # [d_space, M]
+        b = inverse_column_norms(c)
+        c_unit = c * b
+        tau = log_tau.exp()
+        v = (tau * c_unit).contiguous()
+        ctx.save_for_backward(h, proj, u, a, c_unit, b, tau, v)
+        return u.T @ v
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, proj, u, a, c_unit, b, tau, v = ctx.saved_tensors
+        need_h, need_proj, need_centroids, need_tau = ctx.needs_input_grad
+        grad_h = grad_proj = grad_centroids = grad_log_tau = None
+        if need_h or need_proj:
+            du = v @ grad.T  # [d_space, N]
+            dz = a * (du - u * (u * du).sum(0))
+            grad_h = dz.T @ proj if need_h else None
+            grad_proj = dz @ h if need_proj else None
+        if need_centroids or need_tau:
+            dv = u @ grad  # [d_space, M]
+            if need_centroids:
+                dc_unit = tau * dv
+                grad_centroids = (b * (dc_unit - c_unit * (c_unit * dc_unit).sum(0))).T
+            if need_tau:
+                grad_log_tau = (dv * c_unit).sum() * tau
+        return grad_h, grad_proj, grad_centroids, grad_log_tau
 
 
 class LinearRouter(ScoreRouter):

@@ -1,13 +1,16 @@
-"""The C++ top-k kernel of the CPU path against torch.topk and a stable sort, and its fallback."""
+"""The C++ kernels of the CPU path (top-k against torch.topk and a stable sort, cross-entropy against
+F.cross_entropy in fp64) and their fallbacks."""
 import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_core import cpu_kernels
+from moe_core.model import token_cross_entropy
 from moe_core.routing import ordered_int32, select_top_k, top_k_indices
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="the C++ kernel did not build here "
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="the C++ kernels did not build here "
                                   "(no compiler, or MOE_CORE_CPU_KERNELS=0); CI sets MOE_CORE_CPU_KERNELS=1")
 
 
@@ -114,9 +117,90 @@ def test_a_failed_build_warns_and_falls_back_or_raises_when_required(monkeypatch
     monkeypatch.setattr(cpu_kernels, "_is_built", lambda _: True)  # no "compiling ..." message
     monkeypatch.setattr(cpu_kernels, "_loaded", functools.cache(cpu_kernels._loaded.__wrapped__))
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
-    with pytest.warns(UserWarning, match="c\\+\\+: not found.*routing uses torch.topk"):
+    with pytest.warns(UserWarning, match="c\\+\\+: not found.*torch.topk and F.cross_entropy run instead"):
         assert not cpu_kernels.available()
     monkeypatch.setattr(cpu_kernels, "_loaded", functools.cache(cpu_kernels._loaded.__wrapped__))
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
-    with pytest.raises(RuntimeError, match="MOE_CORE_CPU_KERNELS=1 but the CPU top-k kernel did not build"):
+    with pytest.raises(RuntimeError, match="MOE_CORE_CPU_KERNELS=1 but the CPU kernels did not build"):
         cpu_kernels.available()
+
+
+# ------------------------------------------------------------------ cross-entropy
+
+
+def fp64_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, upstream: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """F.cross_entropy in fp64: (upstream * loss, its gradient in the logits)."""
+    x = logits.double().requires_grad_()
+    loss = upstream * F.cross_entropy(x, targets)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,classes", [(1, 1), (3, 7), (64, 8), (9, 1000), (100, 2048)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
+def test_cross_entropy_kernel_matches_torch_in_fp64(rows, classes, scale):
+    """Loss and gradient within fp32 rounding of F.cross_entropy in fp64; class counts that do and do not
+    fill whole vectors, logits from nearly flat to spread far beyond e^-87."""
+    g = torch.Generator().manual_seed(rows * classes)
+    logits = torch.randn(rows, classes, generator=g) * scale
+    targets = torch.randint(0, classes, (rows,), generator=g)
+    x = logits.clone().requires_grad_()
+    loss = 2.5 * cpu_kernels.cross_entropy(x, targets)
+    loss.backward()
+    want_loss, want_grad = fp64_cross_entropy(logits, targets, 2.5)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-5, atol=1e-8)
+
+
+@needs_kernel
+def test_cross_entropy_kernel_exponentials_are_accurate():
+    """One row spanning e^0 .. e^-87: every probability in fp32's normal range within 4e-7 relative of fp64
+    (about 3 ulp), and exponentials below 2^-126 flushed to 0."""
+    row = torch.cat([torch.zeros(1), -torch.linspace(0.001, 87.0, 4095), torch.tensor([-88.0, -100.0])])
+    x = row[None].clone().requires_grad_()
+    cpu_kernels.cross_entropy(x, torch.zeros(1, dtype=torch.long)).backward()
+    probs = x.grad[0].double()  # the gradient is p - one_hot(target): p itself away from the target
+    want = torch.softmax(row.double(), -1)
+    normal = want[1:-2] > 1e-37
+    assert normal[:3000].all()
+    assert ((probs[1:-2] - want[1:-2]).abs() / want[1:-2])[normal].max() < 4e-7
+    assert probs[-2:].tolist() == [0.0, 0.0]
+
+
+@needs_kernel
+def test_cross_entropy_kernel_non_finite_logits():
+    """-inf is a class of probability 0; NaN or +inf in a row makes the loss NaN, as in torch."""
+    targets = torch.tensor([0, 1])
+    logits = torch.tensor([[2.0, -float("inf"), 0.5], [1.0, 0.0, -1.0]])
+    torch.testing.assert_close(cpu_kernels.cross_entropy(logits, targets), F.cross_entropy(logits, targets))
+    for bad in (float("nan"), float("inf")):
+        poisoned = logits.clone()
+        poisoned[1, 2] = bad
+        assert cpu_kernels.cross_entropy(poisoned, targets).isnan()
+        assert F.cross_entropy(poisoned, targets).isnan()
+
+
+@needs_kernel
+def test_model_loss_takes_the_kernel_and_agrees_with_the_fallback(monkeypatch):
+    """token_cross_entropy: [B, T, V] logits, the kernel on CPU; F.cross_entropy without it."""
+    logits = torch.randn(4, 16, 50, requires_grad=True)
+    targets = torch.randint(0, 50, (4, 16))
+    fast = token_cross_entropy(logits, targets)
+    (fast_grad,) = torch.autograd.grad(fast, logits)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    slow = token_cross_entropy(logits, targets)
+    (slow_grad,) = torch.autograd.grad(slow, logits)
+    assert (fast.grad_fn.name(), slow.grad_fn.name()) == ("MeanBackward0", "NllLossBackward0")  # both paths ran
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(fast_grad, slow_grad)
+
+
+@needs_kernel
+def test_cross_entropy_kernel_rejects_bad_input():
+    with pytest.raises(ValueError, match="float64"):
+        cpu_kernels.cross_entropy(torch.randn(4, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"torch.int64 \(3,\) for 4 rows"):
+        cpu_kernels.cross_entropy(torch.randn(4, 8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match=r"target 8 of row 2 is not a class in \[0, 8\)"):
+        cpu_kernels.cross_entropy(torch.randn(4, 8), torch.tensor([0, 1, 8, 2]))

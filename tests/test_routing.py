@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from moe_core.model import MoETransformer
-from moe_core.routing import (CosineRouter, HashRouter, LinearRouter, LowRankRouter, RecurrentRouter, Routing, hash_scores,
-                              router_z_loss, select_top_k, switch_balance_loss)
+from moe_core.routing import (CosineRouter, CosineScores, HashRouter, LinearRouter, LowRankRouter, RecurrentRouter, Routing,
+                              hash_scores, router_z_loss, select_top_k, switch_balance_loss, unit_columns)
 from moe_core.variants import resolve
 
 D, M, K, N = 32, 24, 5, 64
@@ -51,6 +51,45 @@ def test_cosine_scores_bounded_by_tau():
     # scale invariance: cosine routing ignores the norm of the token state
     h = torch.randn(N, D)
     torch.testing.assert_close(router.logits(h, 0, 0), router.logits(3 * h, 0, 0))
+
+
+def test_cosine_scores_backward_passes_gradcheck():
+    """The hand-written backward of CosineScores against finite differences, fp64, all four inputs."""
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(12, 10, generator=g), torch.randn(4, 10, generator=g), torch.randn(7, 4, generator=g),
+              torch.tensor(1.3))
+    assert torch.autograd.gradcheck(CosineScores.apply, tuple(x.double().requires_grad_() for x in inputs))
+
+
+@pytest.mark.parametrize("kind", ["plain", "learned_tau", "per_hop", "frozen"])
+def test_cosine_router_cpu_node_equals_the_traced_scores(kind):
+    """On CPU the router's logits come from CosineScores: the traced formula's fp32 forward bit for bit, and
+    its gradients (in fp64, where rounding does not blur them) for the inputs that need them: a fixed or
+    learned temperature, per-hop projections, a frozen router."""
+    torch.manual_seed(0)
+    router = CosineRouter(D, 8, M, K, tau=10.0, learn_tau=kind == "learned_tau", n_proj=3 if kind == "per_hop" else 1,
+                          frozen=kind == "frozen")
+    h = torch.randn(N, D, requires_grad=True)
+    for hop in range(2):
+        fast = router.logits(h, layer=0, hop=hop)
+        assert fast.grad_fn.name().startswith("CosineScores")
+        assert torch.equal(fast, traced_cosine_scores(router, h, hop))
+    # gradients in fp64 (the router computes in fp32), for the inputs that need them
+    h = h.detach().double().requires_grad_()
+    proj, centroids, log_tau = (t.detach().double().requires_grad_(t.requires_grad)
+                                for t in (router.proj_in[0], router.centroids, router.log_tau))
+    inputs = [t for t in (h, proj, centroids, log_tau) if t.requires_grad]
+    upstream = torch.randn(N, M, dtype=torch.float64)
+    traced = unit_columns(proj @ h.T).T @ (log_tau.exp() * unit_columns(centroids.T)).contiguous()
+    want = torch.autograd.grad((traced * upstream).sum(), inputs)
+    got = torch.autograd.grad((CosineScores.apply(h, proj, centroids, log_tau) * upstream).sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def traced_cosine_scores(router: CosineRouter, h: torch.Tensor, hop: int) -> torch.Tensor:
+    """The cosine router's scores as plain autograd-traced operations (its path on GPUs and under compile)."""
+    return router.position(h, hop) @ (router.tau * unit_columns(router.centroids.T)).contiguous()
 
 
 def test_decoupled_router_uses_a_projection_per_hop():

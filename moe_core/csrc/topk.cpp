@@ -18,19 +18,14 @@
 #include <cstring>
 #include <vector>
 
-// x86-64: an AVX2 copy of the row loop beside the baseline one, picked at load time by the CPU's features
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
+#include "vector_clones.h"
 
 namespace {
 
 constexpr int GROUP = 8;
 constexpr int32_t TAKEN = INT_MIN;  // below every key: no float maps to it
 
-inline int32_t ordered_key(float value) {
+ALWAYS_INLINE int32_t ordered_key(float value) {
   if (value != value) return INT_MAX;  // NaN first
   int32_t bits;
   std::memcpy(&bits, &value, sizeof bits);
