@@ -130,10 +130,11 @@ def load_plan(profile: str) -> list[tuple[str, dict]]:
 
 
 def source_digest() -> str:
-    """A hash of every moe_core source and data file: any code change re-executes the book."""
+    """A hash of every moe_core source and data file, the C++ kernels included: any code change re-executes
+    the book."""
     h = hashlib.sha256()
     for path in sorted(Path(moe_core.__file__).parent.rglob("*")):
-        if path.suffix in (".py", ".yaml"):
+        if path.suffix in (".py", ".yaml", ".cpp", ".h"):
             h.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
     return h.hexdigest()
 

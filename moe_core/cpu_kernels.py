@@ -5,10 +5,10 @@
 - `cross_entropy` replaces F.cross_entropy in the language-modelling loss (csrc/cross_entropy.cpp: one
   exponential per logit, not torch's two; the same loss to float rounding).
 
-The first call in a fresh environment compiles them (about 20 s, once; later processes load the cached
+The first call in a fresh environment compiles them (about 15 s, once; later processes load the cached
 library). Where they cannot be built (no C++ compiler or ninja) `available()` is False, with one warning
-saying why, and the callers fall back to torch operators. The environment variable MOE_CORE_CPU_KERNELS picks:
-unset, build and fall back on failure; "0", off; "1", required (a failed build raises; CI sets it).
+saying why, and the callers fall back to torch operators. The environment variable MOE_CORE_CPU_KERNELS
+picks: unset, build and fall back on failure; "0", off; "1", required (a failed build raises; CI sets it).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _loaded() -> bool:
         from torch.utils import cpp_extension
         _put_ninja_on_path()
         if not _is_built(cpp_extension):
-            print(f"moe_core: compiling the CPU kernels ({', '.join(s.name for s in _SOURCES)}); once, about 20 s ...",
+            print(f"moe_core: compiling the CPU kernels ({', '.join(s.name for s in _SOURCES)}); once, about 15 s ...",
                   file=sys.stderr, flush=True)
         cpp_extension.load(name=_NAME, sources=[str(s) for s in _SOURCES], extra_cflags=_FLAGS,
                            is_python_module=False, verbose=False)

@@ -45,7 +45,7 @@ def _topk_op(scores: torch.Tensor, k: int) -> torch.Tensor:
     rows = max(1, 1024 // cols)  # about 1K scores per program, one warp per 1K (fastest at the paper's
     warps = min(8, rows * cols // 1024)  # 32K x 1024 scores: 0.24 ms, against 1.03 ms for torch.topk)
     wrap_triton(_topk_kernel)[(triton.cdiv(n_rows, rows),)](
-        scores, out, n_rows, n_cols, scores.stride(0), K=k, ROWS=rows, COLS=cols, num_warps=max(1, warps))
+        scores, out, n_rows, n_cols, scores.stride(0), K=k, ROWS=rows, COLS=cols, num_warps=warps)
     return out
 
 

@@ -154,10 +154,10 @@ class CosineScores(torch.autograd.Function):
     """`CosineRouter.logits` as one autograd node: the same forward operations, and a backward written out.
 
     On CPU the cosine router's dozen small operations cost more in autograd's bookkeeping than in
-    arithmetic: 0.57 ms forward and backward at 1,024 tokens x 64 experts, 0.43 ms as this node
-    (benchmarks/RESULTS.md). tests/test_routing.py checks it against the traced version. With
-    u = unit(P h) and v = tau unit(c), scores = u^T v; a column scaled to unit norm, u = z / |z|, passes
-    its gradient back as (du - u <u, du>) / |z|.
+    arithmetic: forward and backward at 1,024 tokens x 64 experts took 0.56-0.58 ms traced and
+    0.47-0.48 ms as this node (benchmarks/RESULTS.md). tests/test_routing.py checks it against the
+    traced version. With u = unit(P h) and v = tau unit(c), scores = u^T v; a column scaled to unit
+    norm, u = z / |z|, passes its gradient back as (du - u <u, du>) / |z|.
     """
 
     @staticmethod

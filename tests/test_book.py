@@ -118,3 +118,18 @@ def test_launch_buttons_follow_the_repository(monkeypatch, remote, url):
         assert config["html"]["use_repository_button"]
     else:
         assert "launch_buttons" not in config and "repository" not in config
+
+
+def test_source_digest_covers_the_cpp_kernels(tmp_path, monkeypatch):
+    """A change to a C++ kernel re-executes the book, as a change to a Python file does."""
+    package = tmp_path / "moe_core"
+    (package / "csrc").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    monkeypatch.setattr(book.moe_core, "__file__", str(package / "__init__.py"))
+    monkeypatch.setattr(book, "ROOT", tmp_path)
+    digests = []
+    for name, text in (("csrc/kernel.cpp", "int a;"), ("csrc/kernel.cpp", "int b;"), ("csrc/kernel.h", "#pragma once"),
+                       ("model.py", "x = 1")):
+        (package / name).write_text(text)
+        digests.append(book.source_digest())
+    assert len(set(digests)) == 4
