@@ -14,7 +14,9 @@
    written the way common MoE libraries' eager paths are (mask per expert, index, matmul,
    index_add), for E in {16, 32, 64}; and rank-1 expert dispatch at the profile's M and at M = 1024.
 3. The routers' top-k (`top_k_indices`: the C++ kernel on CPU, Triton on CUDA) against torch.topk, at
-   the profile's M and at M = 1024, on fresh scores every call (torch.topk is faster on repeated ones).
+   the profile's M and at M = 1024, on fresh scores every call (torch.topk is faster on repeated ones);
+   and the loss (`model.token_cross_entropy`: the C++ kernel on CPU) against F.cross_entropy, forward and
+   backward, at the step's tokens and the profile's vocabulary.
 
 The last line of standard output is one JSON object with every number (see RESULTS.md).
 """
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -36,7 +39,7 @@ from moe_core.__main__ import add_settings, setting  # noqa: E402
 from moe_core.config import ConfigError  # noqa: E402
 from moe_core.evaluate import autocast_for, matmul_dtype, resolve_device  # noqa: E402
 from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported  # noqa: E402
-from moe_core.model import MoETransformer  # noqa: E402
+from moe_core.model import MoETransformer, token_cross_entropy  # noqa: E402
 from moe_core.perf import matmul_peak_flops, sync, train_flops_per_token  # noqa: E402
 from moe_core import cpu_kernels  # noqa: E402
 from moe_core.routing import select_top_k, top_k_indices  # noqa: E402
@@ -188,6 +191,20 @@ def bench_topk(args, device: torch.device, n_tokens: int, k: int, sizes) -> dict
     return results
 
 
+def bench_cross_entropy(args, device: torch.device, n_tokens: int, vocab: int) -> dict:
+    """Seconds per forward + backward of F.cross_entropy and of token_cross_entropy on fp32 logits [n_tokens, vocab]."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, n_tokens, vocab, generator=g).to(device).requires_grad_()
+    targets = torch.randint(0, vocab, (1, n_tokens), generator=g).to(device)
+
+    def fwd_bwd(loss_fn):
+        logits.grad = None  # as in a step: the gradient is written, not accumulated
+        loss_fn(logits, targets).backward()
+    reference = lambda x, t: F.cross_entropy(x.flatten(0, 1), t.flatten())  # noqa: E731
+    return {"F.cross_entropy": timed(lambda: fwd_bwd(reference), device, 3 * args.repeats),
+            "token_cross_entropy": timed(lambda: fwd_bwd(token_cross_entropy), device, 3 * args.repeats)}
+
+
 # ------------------------------------------------------------------------ main
 
 def parse_args(argv=None):
@@ -265,6 +282,12 @@ def main(argv=None) -> dict:
         print(f"  M={n_experts:<5} torch.topk {1e3 * row['torch_topk']:.3f}  top_k_indices {1e3 * row['top_k_indices']:.3f} "
               f"({row['torch_topk'] / row['top_k_indices']:.1f}x)")
 
+    xent = bench_cross_entropy(args, device, n_tokens, m.vocab_size)
+    print(f"\ncross-entropy, fwd+bwd, {n_tokens} tokens x {m.vocab_size} classes (ms; token_cross_entropy here: "
+          f"{'C++ kernel' if device.type == 'cpu' and cpu_kernels.available() else 'F.cross_entropy'}): "
+          f"F.cross_entropy {1e3 * xent['F.cross_entropy']:.2f}  token_cross_entropy "
+          f"{1e3 * xent['token_cross_entropy']:.2f} ({xent['F.cross_entropy'] / xent['token_cross_entropy']:.1f}x)")
+
     summary = {
         "profile": args.profile, "device": name, "torch": torch.__version__, "compile": args.compile_mode,
         "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"), "matmul_peak_gflops": peak / 1e9,
@@ -273,7 +296,9 @@ def main(argv=None) -> dict:
         "grouped_dispatch_speedup_e32": swiglu[32]["loop"] / swiglu[32]["grouped"],
         "dense_mfu": steps["dense_iso_param"]["mfu"],
         "topk_speedup": topk[m.n_experts]["torch_topk"] / topk[m.n_experts]["top_k_indices"],
+        "cross_entropy_speedup": xent["F.cross_entropy"] / xent["token_cross_entropy"],
         "steps": steps, "swiglu_dispatch": swiglu, "rank_dispatch": rank, "topk": topk, "topk_kernel": kernel,
+        "cross_entropy": xent,
     }
     print(json.dumps(summary))
     return summary

@@ -123,4 +123,3 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"cross_entropy takes one int64 class id per row of the logits, got {targets.dtype} "
                          f"{tuple(targets.shape)} for {logits.shape[0]} rows")
     return _SoftmaxCrossEntropy.apply(logits, targets).mean()
-
