@@ -72,9 +72,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads)
-        qk = apply_rope(qkv[:, :, :2], cos[:T, None, None], sin[:T, None, None])  # q and k in one rotation
-        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))  # [B, H, T, hd]
+        # split and unbind: their backward joins the gradients, where slicing's writes each into zeros
+        qk, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).split([2, 1], dim=2)
+        q, k = apply_rope(qk, cos[:T, None, None], sin[:T, None, None]).unbind(2)  # one rotation for both
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v.squeeze(2)))  # [B, H, T, hd]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
