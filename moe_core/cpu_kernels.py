@@ -87,6 +87,12 @@ def available() -> bool:
     return _loaded()
 
 
+def eager_cpu(x: torch.Tensor) -> bool:
+    """Whether x takes the CPU-only fast paths (these kernels, the complex RoPE, the one-node cosine router):
+    a CPU tensor in eager code. Compiled code keeps the plain torch operations, which Inductor fuses."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Column ids of the k largest entries of each row of a 2-d fp32 CPU tensor, largest first, ties to
     the lower column, NaN first, [N, k] int64. Call only where `available()`."""
@@ -110,7 +116,7 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         probs, targets = ctx.saved_tensors
-        return torch.ops.moe_core.cpu_softmax_xent_backward(probs, targets, grad_loss.float()), None
+        return torch.ops.moe_core.cpu_softmax_xent_backward(probs, targets, grad_loss), None
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

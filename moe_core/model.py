@@ -46,7 +46,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     on the CPU we measured, not at 8). bf16 has no complex dtype, and torch.compile fuses the
     real ops but not complex ones.
     """
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+    if not cpu_kernels.eager_cpu(x) or x.dtype not in (torch.float32, torch.float64):
         return rotate_pairs(x, cos, sin)
     z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     return torch.view_as_real(z * torch.complex(cos, sin).to(z.dtype)).flatten(-2)
@@ -58,7 +58,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     ms forward and backward at 1,024 x 2,048 in benchmarks/run.py), equal to F.cross_entropy to float
     rounding; GPUs and compiled code use F.cross_entropy, which torch.compile fuses."""
     logits, targets = logits.float().flatten(0, 1), targets.flatten()
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.available():
+    if cpu_kernels.eager_cpu(logits) and cpu_kernels.available():
         return cpu_kernels.cross_entropy(logits, targets)
     return F.cross_entropy(logits, targets)
 

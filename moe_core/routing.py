@@ -133,7 +133,7 @@ class CosineRouter(ScoreRouter):
         dimension, CPU BLAS ran [N, M] x [M, 4] and [M, N] x [N, 4] 2.7-6x slower than the same
         products transposed (docs/architecture.md, "The CPU step"). Eager CPU runs take the same
         forward with a hand-written backward (`CosineScores`)."""
-        if h.device.type == "cpu" and not torch.compiler.is_compiling():
+        if cpu_kernels.eager_cpu(h):
             return CosineScores.apply(h, self.projection(hop), self.centroids.float(), self.log_tau)
         centroids = unit_columns(self.centroids.float().T)  # [d_space, M]
         return self.position(h, hop) @ (self.tau * centroids).contiguous()
