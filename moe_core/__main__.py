@@ -132,7 +132,8 @@ def shard(text: str) -> tuple[int, int]:
 
 
 def setting(text: str) -> tuple[str, str, object]:
-    """'section.key=value' -> (section, key, value), the value read as YAML (3e-4, true, [1, 2])."""
+    """'section.key=value' -> (section, key, value), the value read as YAML (true, [1, 2], 0.5), except that
+    a number in exponent form without a dot (3e-4, which YAML 1.1 reads as a string) is a float."""
     import yaml
 
     match = re.fullmatch(r"(\w+)\.(\w+)=(.*)", text)
@@ -141,6 +142,8 @@ def setting(text: str) -> tuple[str, str, object]:
     value = yaml.safe_load(match[3])
     if isinstance(value, bool) and match[3].lower() not in ("true", "false"):
         value = match[3]  # YAML 1.1 reads on/off/yes/no as booleans; train.compile=on means the word
+    elif isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value):
+        value = float(value)
     return match[1], match[2], value
 
 

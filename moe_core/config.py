@@ -307,8 +307,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "the recurrent router is one GRU across all layers: no block sharing or freezing")
         _require(m.router_hidden >= 1, "model.router_hidden", m.router_hidden, "must be >= 1")
     if m.router_lowrank:
-        _require(m.router == "linear" and m.router_block == 1, "model.router_lowrank", m.router_lowrank,
-                 "LowRank-MoE needs router=linear and router_block=1")
+        _require(m.router == "linear" and m.router_block == 1 and not m.router_frozen, "model.router_lowrank",
+                 m.router_lowrank, "LowRank-MoE needs router=linear, router_block=1 and a trained router")
+    _require(m.hash_key == "token" or m.router == "hash", "model.hash_key", m.hash_key,
+             "only the hash router reads it; set router=hash or leave hash_key=token")
     return cfg
 
 

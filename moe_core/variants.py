@@ -72,6 +72,8 @@ def resolve(variant: str, profile: str, seed: int = 42, overrides: dict | None =
     prof, var = profiles()[profile], variants()[variant]
     defaults = _load(HERE / "variants.yaml")["_defaults"]
     overrides = overrides or {}
+    for name in overrides:
+        check_name("override section", name, ("model", "train", "data"))
     sections = {}
     for name in ("model", "train", "data"):
         merged = {**prof.get(name, {}), **defaults.get(name, {}), **var.get(name, {}), **overrides.get(name, {})}

@@ -100,5 +100,23 @@ def test_router_options_are_checked_against_the_router():
         resolve("hash", "tiny", overrides={"model": {"router_frozen": True}})
     with pytest.raises(ConfigError, match="LowRank-MoE needs router=linear"):
         resolve("wide", "tiny", overrides={"model": {"router_lowrank": 2}})
+    with pytest.raises(ConfigError, match="a trained router"):
+        resolve("lowrank", "tiny", overrides={"model": {"router_frozen": True}})
+    with pytest.raises(ConfigError, match="hash_key='position'.*only the hash router"):
+        resolve("wide", "tiny", overrides={"model": {"hash_key": "position"}})
+    assert resolve("hash", "tiny", overrides={"model": {"hash_key": "position"}}).model.hash_key == "position"
     with pytest.raises(ConfigError, match="rank experts take"):
         resolve("wide", "tiny", overrides={"model": {"expert_backend": "sorted"}})
+
+
+def test_every_data_file_of_the_package_is_installed():
+    """A non-editable install ships only the package-data globs: each YAML and C++ file the code reads must match one."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["moe_core"]
+    package = root / "moe_core"
+    data = {p.relative_to(package) for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
+    assert data, "no data files found"
+    assert {p for p in data if not any(p.match(g) and len(p.parts) == len(Path(g).parts) for g in globs)} == set()

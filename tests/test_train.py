@@ -115,6 +115,7 @@ def test_cli_list_params_train_eval(tmp_path, cache):
     (["params", "--variant", "wide", "--profile", "laptop"], "valid profiles:"),
     (["train", "--variant", "wide", "--profile", "tiny", "--set", "eval_batches"], "write section.key=value"),
     (["train", "--variant", "wide", "--profile", "tiny", "--set", "train.eval_batch=2"], "valid keys:"),
+    (["train", "--variant", "wide", "--profile", "tiny", "--set", "trian.steps=2"], "valid override sections:"),
 ])
 def test_cli_rejects_bad_input_before_any_work(args, message, tmp_path):
     out = run_cli(*args, env_root=tmp_path)
@@ -126,9 +127,11 @@ def test_cli_set_overrides_any_key():
     from moe_core.__main__ import parser, run_overrides
 
     args = parser().parse_args(["train", "--variant", "wide", "--profile", "tiny", "--set", "train.eval_batches=2",
-                                "--set", "train.compile=off", "--set", "model.dropout=0.1", "--steps", "4"])
+                                "--set", "train.compile=off", "--set", "model.dropout=0.1", "--steps", "4",
+                                "--set", "train.lr=1e-3", "--set", "train.weight_decay=5E-2"])
     cfg = resolve("wide", "tiny", 42, run_overrides(args))
     assert (cfg.train.eval_batches, cfg.train.compile, cfg.model.dropout, cfg.train.steps) == (2, "off", 0.1, 4)
+    assert (cfg.train.lr, cfg.train.weight_decay) == (1e-3, 5e-2)  # YAML 1.1 alone reads 1e-3 as a string
 
 
 @pytest.mark.parametrize("variant", ["deep", "path_b4"])
