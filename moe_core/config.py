@@ -48,7 +48,7 @@ class ModelConfig:
     n_heads: int = 16
     n_layers: int = 8
     max_seq_len: int = 1024  # RoPE capacity (the paper lists 1024 while training on 512-token windows)
-    dropout: float = 0.1  # embeddings, attention probabilities, attention and FFN outputs, experts
+    dropout: float = 0.1  # embeddings, attention probabilities, attention and FFN (or MoE) outputs; none inside experts
     attn_bias: bool = True  # Q/K/V/O biases; needed for the paper's parameter counts
     rope_theta: float = 10000.0
     ffn: str = "moe"  # "moe" or "dense"
