@@ -43,7 +43,7 @@ from moe_core.model import MoETransformer, token_cross_entropy  # noqa: E402
 from moe_core.perf import matmul_peak_flops, sync, train_flops_per_token  # noqa: E402
 from moe_core import cpu_kernels  # noqa: E402
 from moe_core.routing import select_top_k, top_k_indices  # noqa: E402
-from moe_core.train import Objective, keep_freed_memory, make_optimizer  # noqa: E402
+from moe_core.train import Objective, keep_freed_memory, make_optimizer, optimizer_step  # noqa: E402
 from moe_core.variants import resolve  # noqa: E402
 
 STEP_VARIANTS = ("dense_iso_param", "dense_iso_flop", "wide", "deep", "indep", "path_b4")
@@ -89,9 +89,7 @@ class StepBench:
         with autocast_for(self.device, self.precision):
             loss, _ = self.loss_fn(self.x, self.y, self.groups)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.model, self.optimizer, self.grad_clip)
 
 
 def bench_steps(args, device: torch.device, peak: float) -> dict[str, dict]:

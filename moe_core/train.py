@@ -100,6 +100,15 @@ def auxiliary_loss(events: list[HopEvent], cfg: RunConfig, groups: int = 1) -> t
     return balance, z
 
 
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
+    """Clip the gradients' global norm to grad_clip (0: no clipping), step, clear the gradients.
+    Returns the norm before clipping (a tensor: no host sync)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 class Objective(torch.nn.Module):
     """The training loss of one batch as a module, so that DDP and torch.compile see tensors only.
 
@@ -360,9 +369,7 @@ class Trainer:
                                                y.to(self.device, non_blocking=True), groups)
                 (loss / len(shares)).backward()
             sums += stats
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(self.model, self.optimizer, t.grad_clip)
         ce, balance = self.mean_over_ranks(sums / len(shares))
         stats = {"loss": ce, "balance": balance, "grad_norm": grad_norm, "lr": lr}
         if self.model.alpha is not None:  # the Magnitude Hack's scalar, for its trajectory

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from moe_core import store
-from moe_core.train import Trainer, lr_at, train
+from moe_core.model import MoETransformer
+from moe_core.routing import router_z_loss
+from moe_core.train import Objective, Trainer, lr_at, optimizer_step, train
 from moe_core.variants import resolve
 
 
@@ -167,6 +169,29 @@ def test_balance_and_z_loss_options_train(tmp_path, cache):
     # summed over 4 layers: about 4x the per-event value of 1 for a balanced router
     assert logged and all(2.0 < rec["balance"] < 4 * cfg.model.n_experts for rec in logged)
     assert result["val_loss"] > 0
+
+
+def test_objective_adds_each_auxiliary_term_with_its_coefficient():
+    """loss = cross-entropy + balance_coef * balance + z_loss_coef * (mean z-loss over the routing events)."""
+    cfg = resolve("wide", "tiny", overrides={"train": {"balance_coef": 0.25, "z_loss_coef": 0.5}})
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model).eval()  # no dropout: every forward below sees the same network
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, (ce, balance) = Objective(model, cfg)(x, x)
+    z = torch.stack([router_z_loss(e.routing) for e in model(x, x).events]).mean()
+    assert z > 1e-3 and balance > 0.5  # both terms are large enough to show
+    torch.testing.assert_close(loss, ce + 0.25 * balance + 0.5 * z)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.5])
+def test_optimizer_step_clips_only_when_asked(grad_clip):
+    """grad_clip = 0 means no clipping (not a zero norm): the trainer and the benchmark share this step."""
+    layer = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(layer.weight)
+    layer.weight.grad = torch.full_like(layer.weight, 2.0)  # norm 4
+    norm = optimizer_step(layer, torch.optim.SGD(layer.parameters(), lr=1.0), grad_clip)
+    assert norm.item() == 4.0 and layer.weight.grad is None
+    torch.testing.assert_close(layer.weight, torch.full_like(layer.weight, -2.0 * (grad_clip / 4 if grad_clip else 1)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
