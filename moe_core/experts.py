@@ -62,10 +62,17 @@ class RankExperts(nn.Module):
 
     def forward(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         backend = self.backend
-        if backend == "auto":  # measured (benchmarks/RESULTS.md): on a GPU masked always wins (H100,
-            # M = 1024: gathered rows ran as small bmms, 46% of Deep's step); on CPU unless M >> k
-            backend = "masked" if h.is_cuda or self.w_down.shape[0] <= 128 * idx.shape[1] else "gather"
+        if backend == "auto":
+            backend = self.auto_backend(h.device, self.w_down.shape[0], idx.shape[1])
         return getattr(self, f"forward_{backend}")(h, idx, weights)
+
+    @staticmethod
+    def auto_backend(device: torch.device, n_experts: int, k: int) -> str:
+        """The faster backend as measured (benchmarks/RESULTS.md): `masked` on GPUs (on an H100 at M = 1024
+        gathered rows ran as small batched matmuls, 46% of Deep's step); on CPU `masked` while M <= 64 k,
+        where benchmarks/rank_crossover.py put the crossover (M about 64 at k = 1, 350 at k = 4, 850 at
+        k = 12, at d_model 64 and 1,024 alike), `gather` above."""
+        return "masked" if device.type == "cuda" or n_experts <= 64 * k else "gather"
 
     def forward_masked(self, h, idx, weights):
         """Activate every expert with two dense matmuls, zeroing the unselected ones.

@@ -77,6 +77,15 @@ def test_auto_backend_picks_a_tested_path():
     torch.testing.assert_close(bank(h, r.idx, r.weights), bank.forward_loop(h, r.idx, r.weights))
 
 
+@pytest.mark.parametrize("device,n_experts,k,backend", [
+    ("cpu", 64, 12, "masked"), ("cpu", 64, 4, "masked"), ("cpu", 64, 1, "masked"),  # smoke Wide, Deep, Top-1
+    ("cpu", 1024, 12, "gather"), ("cpu", 1024, 4, "gather"), ("cpu", 768, 12, "masked"),  # paper widths on CPU
+    ("cuda", 1024, 12, "masked"), ("cuda", 1024, 1, "masked"),  # GPUs: masked always
+])
+def test_auto_backend_follows_the_measured_crossover(device, n_experts, k, backend):
+    assert RankExperts.auto_backend(torch.device(device), n_experts, k) == backend
+
+
 def test_rank1_expert_is_one_read_and_one_write_direction():
     bank = RankExperts(4, 6, 1, n_layers=1)
     h = torch.randn(3, 6)
