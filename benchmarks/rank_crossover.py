@@ -47,9 +47,10 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    for name in ("d_model", "tokens", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("d_model", "tokens", "repeats", "threads", "top_k", "experts"):
+        value = getattr(args, name)
+        if min(value if isinstance(value, list) else [value]) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     print(f"torch {torch.__version__}, {args.threads} thread(s), d_model {args.d_model}, {args.tokens} tokens")

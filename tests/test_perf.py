@@ -110,3 +110,16 @@ def test_benchmark_harness_reports_every_ratio(capsys):
                 "grouped_dispatch_speedup_e32", "dense_mfu", "topk_speedup", "cross_entropy_speedup"):
         assert summary[key] > 0
     assert set(summary["steps"]) >= {"dense_iso_param", "wide", "deep"}
+
+
+def test_rank_crossover_reports_each_case(capsys):
+    """benchmarks/rank_crossover.py times both rank-1 backends per (k, M) and says which one auto picks."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from rank_crossover import main
+    main(["--d-model", "8", "--tokens", "16", "--top-k", "1", "4", "--experts", "2", "8", "--repeats", "1"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["k"], r["experts"]) for r in summary["rows"]] == [(1, 2), (1, 8), (4, 8)]  # k <= M only
+    assert all(r["masked_ms"] > 0 and r["gather_ms"] > 0 and r["auto"] == "masked" for r in summary["rows"])
+    assert summary["cases"] == 3 and 0 <= summary["auto_picked_the_faster"] <= 3
