@@ -40,6 +40,13 @@ def grid(variants, seeds) -> list[RunSpec]:
     return [RunSpec(v, s) for v in variants for s in seeds]
 
 
+def k_tau_spec(k: int, tau: float | str, seed: int = 42) -> RunSpec:
+    """Wide with top-k = k and a fixed temperature tau, or tau = "learned" (starting from 30): one cell
+    of the K x tau grid (paper Table 11)."""
+    model = {"top_k": k, "tau": 30.0 if tau == "learned" else float(tau), "learn_tau": tau == "learned"}
+    return RunSpec("wide", seed, {"model": model}, label=f"K={k}, tau={tau}")
+
+
 def grid_workers(configs: list[RunConfig]) -> int:
     """How many runs train at once: on a CPU, cores // train.threads (1 when threads is 0); on CUDA, 1."""
     threads = {cfg.train.threads for cfg in configs}
