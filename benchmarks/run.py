@@ -43,7 +43,7 @@ from moe_core.model import MoETransformer, token_cross_entropy  # noqa: E402
 from moe_core.perf import matmul_peak_flops, sync, train_flops_per_token  # noqa: E402
 from moe_core import cpu_kernels  # noqa: E402
 from moe_core.routing import select_top_k, top_k_indices  # noqa: E402
-from moe_core.train import Objective, keep_freed_memory, make_optimizer, optimizer_step  # noqa: E402
+from moe_core.train import Objective, keep_freed_memory, make_optimizer, optimizer_step, require_device  # noqa: E402
 from moe_core.variants import resolve  # noqa: E402
 
 STEP_VARIANTS = ("dense_iso_param", "dense_iso_flop", "wide", "deep", "indep", "path_b4")
@@ -226,6 +226,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the profile's train.threads, else torch's default)")
     args = parser.parse_args(argv)
+    for flag, least in (("steps", 1), ("rounds", 1), ("repeats", 1), ("warmup", 0), ("batch_size", 1), ("threads", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
     args.overrides = add_settings({}, args.set)
     for required in ("dense_iso_param", "wide", "deep"):
         if required not in args.variants:
@@ -235,11 +239,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    try:
-        probe, probe_ffn = (resolve(v, args.profile, 42, args.overrides) for v in ("wide", "indep"))
+    try:  # every name and value, before the first timing
+        require_device("--device", args.device)
+        probe, probe_ffn, *_ = (resolve(v, args.profile, 42, args.overrides) for v in ("wide", "indep", *args.variants))
     except ConfigError as e:
         raise SystemExit(f"benchmarks/run.py: {e}") from None
+    device = resolve_device(args.device)
     threads = probe.train.threads if args.threads is None else args.threads
     if threads:  # the thread count the profile trains with (smoke: 1, one run per core)
         torch.set_num_threads(threads)

@@ -203,6 +203,7 @@ def check_names(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from . import cpu_kernels
     from .data import CorpusUnavailable
     from .train import RunFailed, World
 
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 "eval": cmd_eval, "book": cmd_book}
     try:
         reports = World.from_env().main
+        cpu_kernels.checked_switch()
         check_names(args)
         result = commands[args.command](args)
     except (ConfigError, CorpusUnavailable) as e:

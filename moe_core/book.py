@@ -182,14 +182,23 @@ def execute_plan(profile: str, log=print) -> list[dict]:
     return records
 
 
-def repository_url() -> str | None:
-    """The repository launch buttons point at: $MOE_BOOK_REPOSITORY, else git's `origin` as https, else None."""
-    url = os.environ.get("MOE_BOOK_REPOSITORY")
-    if url is None:
-        found = subprocess.run(["git", "remote", "get-url", "origin"], cwd=ROOT, capture_output=True, text=True)
-        url = found.stdout.strip() if found.returncode == 0 else ""
+def hosted_url(url: str) -> str | None:
+    """An https or ssh git URL of a hosted repository as https://host/org/repo; None for anything else."""
     match = re.match(r"^(?:git@([^:]+):|https?://([^/]+)/)([^/]+/[^/]+?)(?:\.git)?/?$", url)
     return f"https://{match[1] or match[2]}/{match[3]}" if match else None
+
+
+def repository_url() -> str | None:
+    """The repository launch buttons point at: $MOE_BOOK_REPOSITORY (empty: none), else git's `origin`
+    when it is a hosted repository, else None. A malformed $MOE_BOOK_REPOSITORY is an error."""
+    url = os.environ.get("MOE_BOOK_REPOSITORY")
+    if url is not None:
+        if url and hosted_url(url) is None:
+            raise ConfigError("MOE_BOOK_REPOSITORY", url, "write https://<host>/<org>/<repo> or "
+                              "git@<host>:<org>/<repo>.git, or set it empty for no launch buttons")
+        return hosted_url(url)
+    found = subprocess.run(["git", "remote", "get-url", "origin"], cwd=ROOT, capture_output=True, text=True)
+    return hosted_url(found.stdout.strip()) if found.returncode == 0 else None
 
 
 def book_config(repository: str | None) -> dict:
@@ -217,14 +226,15 @@ def stage_sources(stage: Path) -> None:
         shutil.copy2(notebook, stage / "notebooks" / notebook.name)
 
 
-def build_html(log=print) -> Path:
-    """jupyter-book build of the staged sources, execution off (the notebooks ran already), warnings as errors."""
+def build_html(repository: str | None, log=print) -> Path:
+    """jupyter-book build of the staged sources, execution off (the notebooks ran already), warnings as errors;
+    launch buttons for `repository` (see repository_url)."""
     stage = ROOT / "_build" / "src"
     stage_sources(stage)
-    repository = repository_url()
     atomic_write(stage / "_config.yml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(book_config(repository))))
     log(f"book: launch buttons for {repository}" if repository else
-        "book: no launch buttons (no git remote `origin`; set MOE_BOOK_REPOSITORY=https://github.com/<org>/<repo>)")
+        "book: no launch buttons (MOE_BOOK_REPOSITORY is empty, or git's `origin` is missing or not a hosted "
+        "repository; set MOE_BOOK_REPOSITORY=https://github.com/<org>/<repo>)")
     executable = Path(sys.executable).parent / "jupyter-book"
     cmd = [str(executable if executable.exists() else "jupyter-book"), "build", str(stage), "--path-output", str(ROOT),
            "--builder", "html", "-W", "-n", "--keep-going"]
@@ -235,8 +245,9 @@ def build_html(log=print) -> Path:
 
 def build_book(profile: str, html: bool = True, log=print) -> dict:
     start = time.perf_counter()
+    repository = repository_url() if html else None  # a malformed MOE_BOOK_REPOSITORY fails here, before any work
     records = execute_plan(profile, log)
-    index = build_html(log) if html else None
+    index = build_html(repository, log) if html else None
     return {"profile": profile, "notebooks": records, "index": str(index) if index else None,
             "seconds": round(time.perf_counter() - start, 1)}
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+
 ENV_SWITCH = "MOE_CORE_CPU_KERNELS"
 # one build per torch version: torch's extension cache does not notice a torch upgrade, and a library
 # built against another torch fails to load
@@ -32,13 +34,20 @@ _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("topk.cpp", "cros
 _FLAGS = ["-O3", "-fno-trapping-math", "-fopenmp-simd"]
 
 
+def checked_switch() -> str:
+    """$MOE_CORE_CPU_KERNELS ("" when unset); any other value than 0 or 1 is a ConfigError. The CLI checks
+    it before any work, so a typo does not surface at the first kernel call, after the data is ready."""
+    switch = os.environ.get(ENV_SWITCH, "")
+    if switch not in ("", "0", "1"):
+        raise ConfigError(ENV_SWITCH, switch, "use 0 (off), 1 (required) or leave it unset (use if it builds)")
+    return switch
+
+
 @functools.cache
 def _loaded() -> bool:
     """Build (or find in torch's cache) and load the library, once per process; False where switched off
     or where it fails to build."""
-    switch = os.environ.get(ENV_SWITCH, "")
-    if switch not in ("", "0", "1"):
-        raise ValueError(f"{ENV_SWITCH}={switch!r}: use 0 (off), 1 (required) or leave it unset (use if it builds)")
+    switch = checked_switch()
     if switch == "0":
         return False
     try:

@@ -106,8 +106,7 @@ def test_every_plan_is_valid():
     ("git@github.com:org/moe-book.git", "https://github.com/org/moe-book"),
     ("https://gitlab.com/org/moe-book.git", "https://gitlab.com/org/moe-book"),
     ("https://github.com/org/moe-book", "https://github.com/org/moe-book"),
-    ("/srv/git/moe-book", None),
-    ("", None),
+    ("", None),  # set empty: no launch buttons
 ])
 def test_launch_buttons_follow_the_repository(monkeypatch, remote, url):
     monkeypatch.setenv("MOE_BOOK_REPOSITORY", remote)
@@ -118,6 +117,18 @@ def test_launch_buttons_follow_the_repository(monkeypatch, remote, url):
         assert config["html"]["use_repository_button"]
     else:
         assert "launch_buttons" not in config and "repository" not in config
+
+
+def test_a_local_remote_gives_no_launch_buttons_but_a_malformed_setting_is_an_error(monkeypatch):
+    assert book.hosted_url("/srv/git/moe-book") is None  # git's origin may be a local path: no buttons
+    monkeypatch.setenv("MOE_BOOK_REPOSITORY", "/srv/git/moe-book")
+    with pytest.raises(ConfigError, match="MOE_BOOK_REPOSITORY='/srv/git/moe-book'.*https://<host>"):
+        book.repository_url()
+    executed = []
+    monkeypatch.setattr(book, "execute_plan", lambda *a, **k: executed.append(a))
+    with pytest.raises(ConfigError):
+        book.build_book("tiny")
+    assert not executed, "the setting is checked before any notebook runs"
 
 
 def test_source_digest_covers_the_cpp_kernels(tmp_path, monkeypatch):

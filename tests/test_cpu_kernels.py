@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_core import cpu_kernels
+from moe_core.config import ConfigError
 from moe_core.model import token_cross_entropy
 from moe_core.routing import ordered_int32, select_top_k, top_k_indices
 
@@ -104,7 +105,7 @@ def test_switch_values(monkeypatch):
         if expected is False:
             assert not cpu_kernels.available()
         else:
-            with pytest.raises(ValueError, match=expected):
+            with pytest.raises(ConfigError, match=expected):
                 cpu_kernels.available()
 
 

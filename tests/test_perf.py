@@ -123,3 +123,18 @@ def test_rank_crossover_reports_each_case(capsys):
     assert [(r["k"], r["experts"]) for r in summary["rows"]] == [(1, 2), (1, 8), (4, 8)]  # k <= M only
     assert all(r["masked_ms"] > 0 and r["gather_ms"] > 0 and r["auto"] == "masked" for r in summary["rows"])
     assert summary["cases"] == 3 and 0 <= summary["auto_picked_the_faster"] <= 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--variants", "wider"], "invalid variant='wider'"),
+    (["--profile", "huge"], "invalid profile='huge'"),
+    (["--set", "train.lr=-1"], "train.lr"),
+])
+def test_benchmark_rejects_bad_input_before_timing(argv, message, capsys):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from run import main
+    with pytest.raises(SystemExit, match=message):
+        main(["--device", "cpu", *argv])
+    assert "matmul peak" not in capsys.readouterr().out  # stopped before the first measurement

@@ -394,6 +394,13 @@ def test_cli_rejects_bad_values_with_status_2(argv, message, tmp_path, capsys, m
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_bad_kernel_switch_is_rejected_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOE_CORE_CPU_KERNELS", "yes")
+    assert main(["train", "--variant", "wide", "--profile", "tiny", "--run-root", str(tmp_path)]) == 2
+    assert "invalid MOE_CORE_CPU_KERNELS='yes': use 0 (off), 1 (required)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_is_rejected_where_there_is_none(tmp_path, capsys):
     argv = ["train", "--variant", "wide", "--profile", "tiny", "--device", "cuda", "--run-root", str(tmp_path)]
