@@ -250,19 +250,19 @@ def load_tokens(corpus: str, split: str, vocab_size: int, cache_dir: str | Path)
 
 @dataclass(frozen=True)
 class TokenData:
-    """The three token streams of a corpus plus what a model needs to know about them."""
+    """The token streams training and evaluation read (the corpora's test splits stay unused, as in the
+    papers' validation-set results) plus what describes them."""
 
     train: torch.Tensor
     validation: torch.Tensor
-    test: torch.Tensor
     vocab_size: int  # the tokenizer's actual size (<= requested when the corpus is tiny)
     eot_id: int
 
 
 def prepare_data(corpus: str, vocab_size: int, cache_dir: str | Path) -> TokenData:
-    """Tokenizer plus all three token streams, building whatever is not cached yet."""
+    """Tokenizer plus the train and validation token streams, building whatever is not cached yet."""
     tokenizer = get_tokenizer(corpus, vocab_size, cache_dir)
-    splits = {split: load_tokens(corpus, split, vocab_size, cache_dir) for split in SPLITS}
+    splits = {split: load_tokens(corpus, split, vocab_size, cache_dir) for split in ("train", "validation")}
     return TokenData(**splits, vocab_size=tokenizer.get_vocab_size(), eot_id=tokenizer.token_to_id(EOT))
 
 

@@ -181,15 +181,3 @@ def seed_tost(values_a, values_b, bound: float) -> dict:
     res = pingouin.tost(a, b, bound=bound, paired=False)
     p = float(res["pval"].iloc[0])
     return {"bound": bound, "dof": float(res["dof"].iloc[0]), "p_value": p, "equivalent": p < 0.05}
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample std (ddof=1, the paper's 'mean ± std' over seeds); std is nan for a single value."""
-    x = _as_series(values, "values", 1)
-    std = float(x.std(ddof=1)) if x.size > 1 else math.nan
-    return float(x.mean()), std
-
-
-def ppl_margin(delta: float, ppl: float) -> float:
-    """PPL change that a cross-entropy margin delta means at perplexity ppl: ppl * (exp(delta) - 1)."""
-    return _check_positive(ppl, "ppl") * math.expm1(_check_positive(delta, "delta"))
