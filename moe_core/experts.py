@@ -38,6 +38,18 @@ def compute_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
 
 
+def loop_over_experts(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int, expert) -> torch.Tensor:
+    """The reference dispatch: for each expert e, the tokens that chose it, `expert(e, their h)` weighted
+    by their routing weight, added back at their rows."""
+    out = torch.zeros_like(h)
+    for e in range(n_experts):
+        rows, slot = (idx == e).nonzero(as_tuple=True)
+        if rows.numel():
+            y = expert(e, h[rows]) * weights[rows, slot].to(h.dtype).unsqueeze(-1)
+            out = out.index_add(0, rows, y.to(out.dtype))  # autocast: the product may be bf16
+    return out
+
+
 def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order of the flattened (token, slot) pairs grouped by expert, their tokens, tokens per expert)."""
     flat = idx.reshape(-1)
@@ -94,13 +106,8 @@ class RankExperts(nn.Module):
 
     def forward_loop(self, h, idx, weights):
         """Reference: one expert at a time."""
-        out = torch.zeros_like(h)
-        for e in range(self.w_down.shape[0]):
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            if rows.numel():
-                act = F.silu(h[rows] @ self.w_down[e].T) * weights[rows, slot].to(h.dtype).unsqueeze(-1)
-                out = out.index_add(0, rows, (act @ self.w_up[e]).to(out.dtype))  # autocast: bf16 product
-        return out
+        expert = lambda e, x: F.silu(x @ self.w_down[e].T) @ self.w_up[e]  # noqa: E731
+        return loop_over_experts(h, idx, weights, self.w_down.shape[0], expert)
 
 
 class SwiGLUExperts(nn.Module):
@@ -178,13 +185,7 @@ class SwiGLUExperts(nn.Module):
 
     def forward_loop(self, h, idx, weights):
         """Reference: one expert at a time."""
-        out = torch.zeros_like(h)
-        for e in range(self.w_gate.shape[0]):
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            if rows.numel():
-                y = self.expert(e, h[rows]) * weights[rows, slot].to(h.dtype).unsqueeze(-1)
-                out = out.index_add(0, rows, y)
-        return out
+        return loop_over_experts(h, idx, weights, self.w_gate.shape[0], self.expert)
 
 
 class StaticExperts(nn.Module):
@@ -208,12 +209,8 @@ class StaticExperts(nn.Module):
 
     def forward_loop(self, h, idx, weights):
         """Reference: one expert at a time."""
-        out = torch.zeros_like(h)
-        for e in range(self.vectors.shape[0]):
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            if rows.numel():
-                out = out.index_add(0, rows, weights[rows, slot].to(h.dtype).unsqueeze(-1) * self.vectors[e].to(h.dtype))
-        return out
+        expert = lambda e, x: self.vectors[e].to(x.dtype).expand_as(x)  # noqa: E731
+        return loop_over_experts(h, idx, weights, self.vectors.shape[0], expert)
 
 
 def build_experts(cfg: ModelConfig) -> nn.Module:

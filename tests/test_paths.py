@@ -345,3 +345,17 @@ def test_dense_models_are_rejected():
         routing_record(model, TOKENS)
     with pytest.raises(ValueError, match="MoE"):
         shuffle_robustness(model, BATCHES, CPU)
+
+
+def test_load_statistics_of_balanced_skewed_and_collapsed_routers():
+    from moe_core.analysis.utilisation import load_statistics, selection_shares
+
+    balanced = load_statistics(selection_shares(torch.arange(8).repeat(4), 8), 8)
+    assert balanced == {"cv": 0.0, "max_over_mean": 1.0, "dead_frac": 0.0, "entropy_bits": 3.0, "entropy_norm": 1.0}
+    collapsed = load_statistics(selection_shares(torch.zeros(10, 2, dtype=torch.long), 4), 4)
+    assert collapsed["max_over_mean"] == 4.0 and collapsed["dead_frac"] == 0.75 and collapsed["entropy_bits"] == 0.0
+    assert collapsed["cv"] == pytest.approx(3 ** 0.5)  # loads (1, 0, 0, 0): std sqrt(3)/4 over mean 1/4
+    skewed = load_statistics([0.5, 0.25, 0.25, 0.0], 4)
+    assert skewed["entropy_bits"] == pytest.approx(1.5) and skewed["entropy_norm"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="expert id 4 is out of range for n_experts=4"):
+        selection_shares([0, 4], 4)

@@ -37,6 +37,7 @@ from ..evaluate import evaluate
 from ..model import MoETransformer
 from ..trajectory import Interventions
 from .mechanism import _forward, _require_moe, cosine, set_jaccard
+from .utilisation import entropy_bits, selection_shares
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -47,13 +48,6 @@ def _numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _entropy_bits(counts: np.ndarray) -> float:
-    """Plug-in entropy in bits of the distribution given by non-negative counts (zeros ignored)."""
-    p = np.asarray(counts, dtype=np.float64)
-    p = p[p > 0] / p.sum()
-    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def _path_ids(top1) -> np.ndarray:
@@ -112,17 +106,8 @@ def expert_loads(selections, n_experts: int) -> list[list[float]]:
 
     `selections` is top1 [N, L] (one column per layer) or a list with one [N, k] per layer.
     """
-    if isinstance(selections, (list, tuple)):
-        layers = [_numpy(s).reshape(-1) for s in selections]
-    else:
-        layers = list(_numpy(selections).T)
-    loads = []
-    for ids in layers:
-        counts = np.bincount(ids.astype(np.int64), minlength=n_experts)
-        if counts.shape[0] > n_experts:
-            raise ValueError(f"expert id {ids.max()} is out of range for n_experts={n_experts}")
-        loads.append((counts / counts.sum()).tolist())
-    return loads
+    layers = list(selections) if isinstance(selections, (list, tuple)) else list(_numpy(selections).T)
+    return [selection_shares(ids, n_experts).tolist() for ids in layers]
 
 
 def expert_usage_entropy(top1, n_experts: int) -> list[float]:
@@ -130,7 +115,7 @@ def expert_usage_entropy(top1, n_experts: int) -> list[float]:
 
     A load-balance view: log2(n_experts) when every expert is used equally, 0 on collapse.
     """
-    return [_entropy_bits(np.array(load)) for load in expert_loads(top1, n_experts)]
+    return [entropy_bits(np.array(load)) for load in expert_loads(top1, n_experts)]
 
 
 def token_routing_entropy(probs: list) -> list[float]:
@@ -160,7 +145,7 @@ def path_statistics(top1, coverage=(10, 100, 1000)) -> dict:
     """
     counts = _path_counts(top1)
     n, unique = int(counts.sum()), len(counts)
-    h = _entropy_bits(counts)
+    h = entropy_bits(counts)
     cumulative = np.cumsum(counts) / n
     return {"tokens": n, "unique_paths": unique, "path_entropy_bits": h,
             "path_entropy_mm_bits": h + (unique - 1) / (2 * n * math.log(2)),
@@ -192,7 +177,7 @@ def block_path_entropy(top1, block: int) -> list[float]:
     n_layers = top1.shape[1]
     if block < 1 or n_layers % block:
         raise ValueError(f"block={block} does not divide the {n_layers} layers")
-    return [_entropy_bits(_path_counts(top1[:, start:start + block])) for start in range(0, n_layers, block)]
+    return [entropy_bits(_path_counts(top1[:, start:start + block])) for start in range(0, n_layers, block)]
 
 # ---------------------------------------------------------------------------------------------
 # cross-layer consistency (4.4)
@@ -206,10 +191,10 @@ def cooccurrence(a, b, n_experts: int) -> np.ndarray:
 
 def normalized_mutual_information(counts: np.ndarray) -> float:
     """2 I(X; Y) / (H(X) + H(Y)) of a contingency table; 1.0 when both variables are constant."""
-    h_x, h_y = _entropy_bits(counts.sum(axis=1)), _entropy_bits(counts.sum(axis=0))
+    h_x, h_y = entropy_bits(counts.sum(axis=1)), entropy_bits(counts.sum(axis=0))
     if h_x + h_y == 0:
         return 1.0
-    mutual = h_x + h_y - _entropy_bits(counts.reshape(-1))
+    mutual = h_x + h_y - entropy_bits(counts.reshape(-1))
     return float(np.clip(2 * mutual / (h_x + h_y), 0.0, 1.0))
 
 

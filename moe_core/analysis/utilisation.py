@@ -4,32 +4,43 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 
-def expert_loads(run: str | Path, n_experts: int) -> dict[tuple[int, int], torch.Tensor]:
+def selection_shares(ids, n_experts: int) -> np.ndarray:
+    """The share of the selections `ids` (any shape, ids in [0, n_experts)) each expert received: [n_experts]."""
+    ids = (ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)).reshape(-1)
+    counts = np.bincount(ids.astype(np.int64), minlength=n_experts)
+    if counts.shape[0] > n_experts:
+        raise ValueError(f"expert id {ids.max()} is out of range for n_experts={n_experts}")
+    return counts / counts.sum()
+
+
+def entropy_bits(counts) -> float:
+    """Plug-in entropy in bits of the distribution given by non-negative counts or shares (zeros ignored)."""
+    p = np.asarray(counts, dtype=np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def expert_loads(run: str | Path, n_experts: int) -> dict[tuple[int, int], np.ndarray]:
     """(layer, hop) -> share of selections each of the M experts received on the telemetry slice."""
     telemetry = load_file(Path(run) / "telemetry.safetensors")
-    loads = {}
-    for key, ids in telemetry.items():
-        if key.startswith("ids."):
-            layer, hop = (int(part.removeprefix("layer").removeprefix("hop")) for part in key.split(".")[1:])
-            counts = torch.bincount(ids.long().flatten(), minlength=n_experts).double()
-            loads[(layer, hop)] = counts / counts.sum()
-    return loads
+    return {tuple(int(part.removeprefix("layer").removeprefix("hop")) for part in key.split(".")[1:]):
+            selection_shares(ids, n_experts) for key, ids in telemetry.items() if key.startswith("ids.")}
 
 
-def load_statistics(share: torch.Tensor, n_experts: int) -> dict:
+def load_statistics(share, n_experts: int) -> dict:
     """Balance of one routing event: CV of loads, max/mean, dead experts, entropy (bits and / log2 M).
 
     An expert is dead when it receives less than a tenth of the uniform share 1/M.
     """
-    mean = 1.0 / n_experts
-    nonzero = share[share > 0]
-    entropy = float(-(nonzero * nonzero.log2()).sum())
-    return {"cv": float(share.std(unbiased=False) / mean), "max_over_mean": float(share.max() / mean),
-            "dead_frac": float((share < 0.1 * mean).double().mean()), "entropy_bits": entropy,
+    share, mean = np.asarray(share, dtype=np.float64), 1.0 / n_experts
+    entropy = entropy_bits(share)
+    return {"cv": float(share.std() / mean), "max_over_mean": float(share.max() / mean),
+            "dead_frac": float((share < 0.1 * mean).mean()), "entropy_bits": entropy,
             "entropy_norm": entropy / math.log2(n_experts)}
 
 
