@@ -125,6 +125,13 @@ def batch_losses(run: str | Path) -> list[float]:
     return store.read_json(Path(run) / "val_batch_losses.json")
 
 
+def loss_differences(first: RunSpec, second: RunSpec, profile: str):
+    """Per validation batch, first's loss minus second's on the same batches: the paired bootstraps' units."""
+    from .stats import paired_differences
+
+    return paired_differences(batch_losses(run_dir(first, profile)), batch_losses(run_dir(second, profile)))
+
+
 def summarise(table: pd.DataFrame, by: str = "label") -> pd.DataFrame:
     """Mean and std (ddof = 1, the paper's convention) of final PPL per group, in table order."""
     grouped = table.groupby(by, sort=False)["val_ppl"]
