@@ -1,7 +1,7 @@
 """The executable book: run the notebooks of a plan with papermill, then build with jupyter-book.
 
 A plan (`book/plans/<profile>.yaml`) lists notebooks in dependency order with their parameters.
-Each notebook's executed copy (`executed/<name>.ipynb`) records a key: a hash of the notebook,
+Each notebook's executed copy (`executed/<name>.ipynb`, under `output_dir()`) records a key: a hash of the notebook,
 its parameters, the moe_core sources, the torch version and the keys of every notebook before it.
 An unchanged key skips the notebook, so a warm rebuild only re-renders; training runs are cached
 separately in the run store. The HTML is built from a staged copy (`_build/src`) in which the
@@ -30,7 +30,7 @@ from .config import ConfigError
 from .store import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS, EXECUTED, PLANS = ROOT / "notebooks", ROOT / "executed", ROOT / "book" / "plans"
+NOTEBOOKS, PLANS = ROOT / "notebooks", ROOT / "book" / "plans"
 META_KEY = "moe_core_book"
 
 
@@ -129,6 +129,17 @@ def load_plan(profile: str) -> list[tuple[str, dict]]:
     return steps
 
 
+def output_dir() -> Path:
+    """Where the book's products go: executed/ (the executed notebooks) and _build/ (the HTML). The
+    repository root, or $MOE_BOOK_OUTPUT (the tests build the tiny book there, leaving the real one alone).
+    Read from the environment so that the summary notebook's kernel, which collects the verdicts, sees it."""
+    return Path(os.environ.get("MOE_BOOK_OUTPUT") or ROOT)
+
+
+def executed_dir() -> Path:
+    return output_dir() / "executed"
+
+
 def source_digest() -> str:
     """A hash of every moe_core source and data file, the C++ kernels included: any code change re-executes
     the book."""
@@ -157,19 +168,19 @@ def execute_plan(profile: str, log=print) -> list[dict]:
     import papermill
 
     steps = load_plan(profile)
-    digest, upstream, records = source_digest(), "", []
-    EXECUTED.mkdir(exist_ok=True)
+    digest, upstream, records, executed = source_digest(), "", [], executed_dir()
+    executed.mkdir(parents=True, exist_ok=True)
     for name, params in steps:
         key = notebook_key(name, params, upstream, digest)
         upstream += key
-        out = EXECUTED / f"{name}.ipynb"
+        out = executed / f"{name}.ipynb"
         if executed_key(out) == key:
             log(f"book: {name}: up to date")
             records.append({"notebook": name, "executed": False, "seconds": 0.0})
             continue
         log(f"book: {name}: executing with {params}")
         start = time.perf_counter()
-        tmp = EXECUTED / f".{name}.running.ipynb"
+        tmp = executed / f".{name}.running.ipynb"
         papermill.execute_notebook(NOTEBOOKS / f"{name}.ipynb", tmp, parameters=params, cwd=str(ROOT),
                                    kernel_name="python3", progress_bar=False)
         nb = nbformat.read(tmp, as_version=4)
@@ -222,25 +233,25 @@ def stage_sources(stage: Path) -> None:
     shutil.copytree(ROOT / "book", stage / "book")
     shutil.copy2(ROOT / "_toc.yml", stage / "_toc.yml")
     (stage / "notebooks").mkdir()
-    for notebook in EXECUTED.glob("[!.]*.ipynb"):
+    for notebook in executed_dir().glob("[!.]*.ipynb"):
         shutil.copy2(notebook, stage / "notebooks" / notebook.name)
 
 
 def build_html(repository: str | None, log=print) -> Path:
     """jupyter-book build of the staged sources, execution off (the notebooks ran already), warnings as errors;
     launch buttons for `repository` (see repository_url)."""
-    stage = ROOT / "_build" / "src"
+    stage = output_dir() / "_build" / "src"
     stage_sources(stage)
     atomic_write(stage / "_config.yml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(book_config(repository))))
     log(f"book: launch buttons for {repository}" if repository else
         "book: no launch buttons (MOE_BOOK_REPOSITORY is empty, or git's `origin` is missing or not a hosted "
         "repository; set MOE_BOOK_REPOSITORY=https://github.com/<org>/<repo>)")
     executable = Path(sys.executable).parent / "jupyter-book"
-    cmd = [str(executable if executable.exists() else "jupyter-book"), "build", str(stage), "--path-output", str(ROOT),
+    cmd = [str(executable if executable.exists() else "jupyter-book"), "build", str(stage), "--path-output", str(output_dir()),
            "--builder", "html", "-W", "-n", "--keep-going"]
     log("book: " + " ".join(cmd))
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
-    return ROOT / "_build" / "html" / "index.html"
+    return output_dir() / "_build" / "html" / "index.html"
 
 
 def build_book(profile: str, html: bool = True, log=print) -> dict:
@@ -273,11 +284,12 @@ _VERDICT = re.compile(r"^\*\*(?P<outcome>[a-z]+)\*\* \((?P<reason>.*)\)$", re.S)
 _RECORD = "application/papermill.record/text/markdown"
 
 
-def collect_verdicts(names: list[str], executed: Path = EXECUTED):
-    """Every verdict glued by the executed notebooks `names`, in order: a DataFrame, one row per claim."""
+def collect_verdicts(names: list[str], executed: Path | None = None):
+    """Every verdict glued by the executed notebooks `names` (in `executed`, default executed_dir()), in
+    order: a DataFrame, one row per claim."""
     import pandas as pd
 
-    rows = []
+    executed, rows = executed or executed_dir(), []
     for name in names:
         path = executed / f"{name}.ipynb"
         if not path.exists():

@@ -13,11 +13,12 @@ GLUE_REF = re.compile(r"\{glue:(?:text|md)\}`([A-Za-z0-9_]+)|```\{glue:figure\}\
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
+    """The tiny book, built in a temporary folder: the checkout's own executed/ and _build/ stay as they are."""
+    out = tmp_path_factory.mktemp("book")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MOE_CORE_RUNS", str(runs))
-        result = book.build_book("tiny")
-    return result
+        mp.setenv("MOE_CORE_RUNS", str(out / "runs"))
+        mp.setenv("MOE_BOOK_OUTPUT", str(out))
+        yield book.build_book("tiny")
 
 
 def glued_keys(notebook) -> set[str]:
@@ -32,14 +33,15 @@ def glued_keys(notebook) -> set[str]:
 
 def test_every_notebook_executes_and_the_book_builds(built):
     assert [r["notebook"] for r in built["notebooks"]] == [name for name, _ in book.load_plan("tiny")]
-    assert (book.ROOT / "_build" / "html" / "index.html").exists()
+    assert book.output_dir() != book.ROOT and built["index"] == str(book.output_dir() / "_build" / "html" / "index.html")
+    assert (book.output_dir() / "_build" / "html" / "index.html").exists()
     for name, _ in book.load_plan("tiny"):
-        assert (book.ROOT / "_build" / "html" / "notebooks" / f"{name}.html").exists()
+        assert (book.output_dir() / "_build" / "html" / "notebooks" / f"{name}.html").exists()
 
 
 def test_every_glue_reference_exists(built):
     for name, _ in book.load_plan("tiny"):
-        executed = json.loads((book.EXECUTED / f"{name}.ipynb").read_text())
+        executed = json.loads((book.executed_dir() / f"{name}.ipynb").read_text())
         available = glued_keys(executed)
         referenced = {a or b for cell in executed["cells"] if cell["cell_type"] == "markdown"
                       for a, b in GLUE_REF.findall("".join(cell["source"]))}
@@ -53,7 +55,7 @@ def test_summary_gathers_every_verdict(built):
     chapters = book.declared_parameters(book.NOTEBOOKS / "summary.ipynb")["chapters"]
     verdicts = book.collect_verdicts(chapters)
     expected = {(name, key.removeprefix("verdict_")) for name, _ in book.load_plan("tiny") if name != "summary"
-                for key in glued_keys(json.loads((book.EXECUTED / f"{name}.ipynb").read_text()))
+                for key in glued_keys(json.loads((book.executed_dir() / f"{name}.ipynb").read_text()))
                 if key.startswith("verdict_")}
     assert set(zip(verdicts.chapter, verdicts.claim)) == expected and len(verdicts) == len(expected)
     assert set(verdicts.outcome) <= {"agrees", "disagrees", "undecided"} and verdicts.reason.str.len().min() > 0
@@ -70,7 +72,7 @@ def test_unchanged_notebooks_are_not_executed_again(built):
 
 
 def test_executed_notebooks_record_provenance_and_key(built):
-    executed = json.loads((book.EXECUTED / "table3.ipynb").read_text())
+    executed = json.loads((book.executed_dir() / "table3.ipynb").read_text())
     assert executed["metadata"][book.META_KEY]["profile"] == "tiny"
     assert len(executed["metadata"][book.META_KEY]["key"]) == 16
 
