@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe_core.experts import RankExperts, StaticExperts, SwiGLUExperts
+from moe_core.experts import RankExperts, StaticExperts, SwiGLUExperts, grouped_mm_supported
 from moe_core.routing import select_top_k
 
 
@@ -103,3 +103,41 @@ def test_grouped_falls_back_to_sorted_on_unaligned_widths():
     from moe_core.experts import grouped_mm_supported
     assert not grouped_mm_supported(h.dtype, h.device, bank.w_gate, bank.w_out)
     torch.testing.assert_close(bank.forward_grouped(h, r.idx, r.weights), bank.forward_loop(h, r.idx, r.weights))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+def assert_close_to_scale(fast, slow, rel=2e-2):
+    """bf16 parity: the largest error within `rel` of the largest reference value (bf16 keeps 8 bits)."""
+    fast, slow = fast.float(), slow.float()
+    assert (fast - slow).abs().max() <= rel * slow.abs().max(), (fast - slow).abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["grouped", "sorted", "masked"])
+def test_swiglu_dispatch_matches_loop_under_bf16_autocast(device, backend):
+    torch.manual_seed(0)
+    bank = SwiGLUExperts(32, 64, 32, n_layers=2).to(device)
+    h = torch.randn(512, 64, device=device)
+    routing = select_top_k(torch.randn(512, 32, device=device), 4)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        if backend == "grouped" and not grouped_mm_supported(torch.bfloat16, h.device, bank.w_gate, bank.w_out):
+            pytest.skip("torch's grouped GEMM needs torch >= 2.9 (and on CUDA a Hopper-class GPU)")
+        fast = getattr(bank, f"forward_{backend}")(h, routing.idx, routing.weights)
+        slow = bank.forward_loop(h, routing.idx, routing.weights)
+    assert_close_to_scale(fast, slow)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["masked", "gather"])
+def test_rank_dispatch_matches_loop_under_bf16_autocast(device, backend):
+    torch.manual_seed(0)
+    bank = RankExperts(256, 64, 1, n_layers=2).to(device)
+    h = torch.randn(512, 64, device=device)
+    routing = select_top_k(torch.randn(512, 256, device=device), 12)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        fast = getattr(bank, f"forward_{backend}")(h, routing.idx, routing.weights)
+        slow = bank.forward_loop(h, routing.idx, routing.weights)
+    assert fast.dtype == torch.bfloat16  # the matmuls did run in bf16
+    assert_close_to_scale(fast, slow)

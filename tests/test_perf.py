@@ -7,6 +7,7 @@ import torch
 from moe_core.config import ConfigError
 from moe_core.experiments import RunSpec, grid_workers, run_grid
 from moe_core.model import MoETransformer
+from moe_core import perf
 from moe_core.perf import matmul_peak_flops, train_flops_per_token
 from moe_core.train import Objective, cpu_threads, use_compile
 from moe_core.variants import resolve
@@ -36,6 +37,12 @@ def test_decision_forcing_routes_once_per_block():
     indep, monob = resolve("indep", "smoke").model, resolve("monob4", "smoke").model
     routing = monob.n_experts * monob.d_model  # a linear router's multiply-adds per decision
     assert train_flops_per_token(indep, 64) - train_flops_per_token(monob, 64) == 6 * routing * (8 - 2)
+
+
+def test_matmul_peak_stops_growing_at_a_slow_size(monkeypatch):
+    """budget_s = 0: every size counts as slow, so only the first is measured (the second would not fit in memory)."""
+    monkeypatch.setattr(perf, "_peak_sizes", lambda device: (64, 10 ** 6))
+    assert perf.matmul_peak_flops.__wrapped__("cpu", torch.float32, 1, budget_s=0.0) > 0
 
 
 def test_matmul_peak_is_positive_and_cached():

@@ -194,6 +194,19 @@ def test_optimizer_step_clips_only_when_asked(grad_clip):
     torch.testing.assert_close(layer.weight, torch.full_like(layer.weight, -2.0 * (grad_clip / 4 if grad_clip else 1)))
 
 
+@pytest.mark.parametrize("variant", ["wide", "deep", "path_b4"])
+def test_bf16_autocast_trains_on_cpu_close_to_fp32(variant, tmp_path, cache):
+    """train.precision=bf16 on a CPU takes the GPU recipe's mixed-precision path (autocast; the router in
+    fp32; the real-arithmetic RoPE; bf16 grouped GEMMs for FFN experts): it must train, and land near fp32."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = resolve(variant, "tiny", overrides={"train": {"steps": 6, "eval_every": 6, "checkpoint_every": 6,
+                                                            "precision": precision}})
+        losses[precision] = train(cfg, tmp_path, cache, progress=False)["val_loss"]
+    assert losses["bf16"] != losses["fp32"], "autocast changed nothing: bf16 did not run"
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05, losses
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_training(tmp_path, cache):
     cfg = resolve("deep", "tiny", overrides={"train": {"steps": 10, "device": "cuda"}})
