@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_core.experts import RankExperts  # noqa: E402
 from moe_core.routing import select_top_k  # noqa: E402
-from moe_core.train import keep_freed_memory  # noqa: E402
+from moe_core.train import cpu_threads, keep_freed_memory  # noqa: E402
 
 
 def fwd_bwd_ms(bank: RankExperts, backend: str, n_tokens: int, k: int, repeats: int) -> float:
@@ -51,18 +51,18 @@ def main(argv=None) -> dict:
         value = getattr(args, name)
         if min(value if isinstance(value, list) else [value]) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    torch.set_num_threads(args.threads)
     keep_freed_memory()
     print(f"torch {torch.__version__}, {args.threads} thread(s), d_model {args.d_model}, {args.tokens} tokens")
     print(f"{'k':>3} {'M':>5} {'masked ms':>10} {'gather ms':>10} {'gather/masked':>14} {'auto':>7}")
     rows = []
-    for k in args.top_k:
-        for m in (m for m in args.experts if m >= k):
-            bank = RankExperts(m, args.d_model, 1, n_layers=8)
-            masked, gather = (fwd_bwd_ms(bank, b, args.tokens, k, args.repeats) for b in ("masked", "gather"))
-            auto = RankExperts.auto_backend(torch.device("cpu"), m, k)
-            rows.append({"k": k, "experts": m, "masked_ms": masked, "gather_ms": gather, "auto": auto})
-            print(f"{k:>3} {m:>5} {masked:>10.2f} {gather:>10.2f} {gather / masked:>14.2f} {auto:>7}", flush=True)
+    with cpu_threads(args.threads):  # restored afterwards, for callers in the same process (the tests)
+        for k in args.top_k:
+            for m in (m for m in args.experts if m >= k):
+                bank = RankExperts(m, args.d_model, 1, n_layers=8)
+                masked, gather = (fwd_bwd_ms(bank, b, args.tokens, k, args.repeats) for b in ("masked", "gather"))
+                auto = RankExperts.auto_backend(torch.device("cpu"), m, k)
+                rows.append({"k": k, "experts": m, "masked_ms": masked, "gather_ms": gather, "auto": auto})
+                print(f"{k:>3} {m:>5} {masked:>10.2f} {gather:>10.2f} {gather / masked:>14.2f} {auto:>7}", flush=True)
     summary = {"d_model": args.d_model, "tokens": args.tokens, "threads": args.threads, "rows": rows,
                "auto_picked_the_faster": sum((r["gather_ms"] < r["masked_ms"]) == (r["auto"] == "gather") for r in rows),
                "cases": len(rows)}

@@ -133,7 +133,7 @@ def shard(text: str) -> tuple[int, int]:
 
 def setting(text: str) -> tuple[str, str, object]:
     """'section.key=value' -> (section, key, value), the value read as YAML (true, [1, 2], 0.5), except that
-    a number in exponent form without a dot (3e-4, which YAML 1.1 reads as a string) is a float."""
+    a number in exponent form that YAML 1.1 leaves as a string (3e-4, 1.5e3) is a float."""
     import yaml
 
     match = re.fullmatch(r"(\w+)\.(\w+)=(.*)", text)

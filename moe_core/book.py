@@ -131,9 +131,10 @@ def load_plan(profile: str) -> list[tuple[str, dict]]:
 
 def output_dir() -> Path:
     """Where the book's products go: executed/ (the executed notebooks) and _build/ (the HTML). The
-    repository root, or $MOE_BOOK_OUTPUT (the tests build the tiny book there, leaving the real one alone).
-    Read from the environment so that the summary notebook's kernel, which collects the verdicts, sees it."""
-    return Path(os.environ.get("MOE_BOOK_OUTPUT") or ROOT)
+    repository root, or $MOE_BOOK_OUTPUT, relative to the root (the tests build the tiny book in a temporary
+    folder, leaving the real one alone). Read from the environment so that the summary notebook's kernel,
+    which collects the verdicts and runs in the root, sees the same folder."""
+    return ROOT / os.environ.get("MOE_BOOK_OUTPUT", "")
 
 
 def executed_dir() -> Path:

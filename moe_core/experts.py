@@ -38,14 +38,15 @@ def compute_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
 
 
-def loop_over_experts(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int, expert) -> torch.Tensor:
-    """The reference dispatch: for each expert e, the tokens that chose it, `expert(e, their h)` weighted
-    by their routing weight, added back at their rows."""
+def loop_over_experts(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, n_experts: int, weighted_expert) -> torch.Tensor:
+    """The reference dispatch: for each expert e, the tokens that chose it, `weighted_expert(e, their h,
+    their routing weights [n, 1])`, added back at their rows. (Each bank applies the weight where its
+    fast paths do, so the reference rounds as they do.)"""
     out = torch.zeros_like(h)
     for e in range(n_experts):
         rows, slot = (idx == e).nonzero(as_tuple=True)
         if rows.numel():
-            y = expert(e, h[rows]) * weights[rows, slot].to(h.dtype).unsqueeze(-1)
+            y = weighted_expert(e, h[rows], weights[rows, slot].to(h.dtype).unsqueeze(-1))
             out = out.index_add(0, rows, y.to(out.dtype))  # autocast: the product may be bf16
     return out
 
@@ -82,8 +83,8 @@ class RankExperts(nn.Module):
     def auto_backend(device: torch.device, n_experts: int, k: int) -> str:
         """The faster backend as measured (benchmarks/RESULTS.md): `masked` on GPUs (on an H100 at M = 1024
         gathered rows ran as small batched matmuls, 46% of Deep's step); on CPU `masked` while M <= 64 k,
-        where benchmarks/rank_crossover.py put the crossover (M about 64 at k = 1, 350 at k = 4, 850 at
-        k = 12, at d_model 64 and 1,024 alike), `gather` above."""
+        `gather` above, which benchmarks/rank_crossover.py found faster in 39 of 40 cases (k = 1, 4, 12;
+        M = 16-1,024; d_model 64 and 1,024)."""
         return "masked" if device.type == "cuda" or n_experts <= 64 * k else "gather"
 
     def forward_masked(self, h, idx, weights):
@@ -106,7 +107,7 @@ class RankExperts(nn.Module):
 
     def forward_loop(self, h, idx, weights):
         """Reference: one expert at a time."""
-        expert = lambda e, x: F.silu(x @ self.w_down[e].T) @ self.w_up[e]  # noqa: E731
+        expert = lambda e, x, w: (F.silu(x @ self.w_down[e].T) * w) @ self.w_up[e]  # noqa: E731
         return loop_over_experts(h, idx, weights, self.w_down.shape[0], expert)
 
 
@@ -185,7 +186,7 @@ class SwiGLUExperts(nn.Module):
 
     def forward_loop(self, h, idx, weights):
         """Reference: one expert at a time."""
-        return loop_over_experts(h, idx, weights, self.w_gate.shape[0], self.expert)
+        return loop_over_experts(h, idx, weights, self.w_gate.shape[0], lambda e, x, w: self.expert(e, x) * w)
 
 
 class StaticExperts(nn.Module):
@@ -209,7 +210,7 @@ class StaticExperts(nn.Module):
 
     def forward_loop(self, h, idx, weights):
         """Reference: one expert at a time."""
-        expert = lambda e, x: self.vectors[e].to(x.dtype).expand_as(x)  # noqa: E731
+        expert = lambda e, x, w: w * self.vectors[e].to(x.dtype)  # noqa: E731
         return loop_over_experts(h, idx, weights, self.vectors.shape[0], expert)
 
 

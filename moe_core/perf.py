@@ -57,8 +57,8 @@ def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, t
                       budget_s: float = 0.5) -> float:
     """The best FLOP/s of square matmuls on `device` in `dtype`, measured now, once per process and
     thread count (`threads` is the caller's torch.get_num_threads(), part of the cache key only).
-    A first timed product (after the warm-up) slower than budget_s ends the search: bf16 on a CPU without
-    bf16 instructions took minutes over the 2,048-wide products (fp32 here: 0.2 s each)."""
+    A first timed product (after the warm-up) slower than budget_s ends the search, in any dtype: bf16 on
+    a CPU without bf16 instructions took minutes over the 2,048-wide products (fp32 here: 0.2 s each)."""
     dev = torch.device(device)
     best = 0.0
     for n in _peak_sizes(dev):

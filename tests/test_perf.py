@@ -40,9 +40,16 @@ def test_decision_forcing_routes_once_per_block():
 
 
 def test_matmul_peak_stops_growing_at_a_slow_size(monkeypatch):
-    """budget_s = 0: every size counts as slow, so only the first is measured (the second would not fit in memory)."""
-    monkeypatch.setattr(perf, "_peak_sizes", lambda device: (64, 10 ** 6))
+    """budget_s = 0: every size counts as slow, so only the first is measured."""
+    sizes = []
+    randn = torch.randn
+    monkeypatch.setattr(perf, "_peak_sizes", lambda device: (64, 128))
+    monkeypatch.setattr(perf.torch, "randn", lambda n, *a, **k: sizes.append(n) or randn(n, *a, **k))
     assert perf.matmul_peak_flops.__wrapped__("cpu", torch.float32, 1, budget_s=0.0) > 0
+    assert sizes == [64, 64]  # a and b of the first size only
+    sizes.clear()
+    assert perf.matmul_peak_flops.__wrapped__("cpu", torch.float32, 1, budget_s=60.0) > 0
+    assert sizes == [64, 64, 128, 128]
 
 
 def test_matmul_peak_is_positive_and_cached():
@@ -125,11 +132,14 @@ def test_rank_crossover_reports_each_case(capsys):
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from rank_crossover import main
-    main(["--d-model", "8", "--tokens", "16", "--top-k", "1", "4", "--experts", "2", "8", "--repeats", "1"])
+    threads = torch.get_num_threads()
+    main(["--d-model", "8", "--tokens", "16", "--top-k", "1", "4", "--experts", "2", "8", "128", "--repeats", "1",
+          "--threads", "1"])
+    assert torch.get_num_threads() == threads, "the caller's thread count is restored"
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [(r["k"], r["experts"]) for r in summary["rows"]] == [(1, 2), (1, 8), (4, 8)]  # k <= M only
-    assert all(r["masked_ms"] > 0 and r["gather_ms"] > 0 and r["auto"] == "masked" for r in summary["rows"])
-    assert summary["cases"] == 3 and 0 <= summary["auto_picked_the_faster"] <= 3
+    assert [(r["k"], r["experts"], r["auto"]) for r in summary["rows"]] == [
+        (1, 2, "masked"), (1, 8, "masked"), (1, 128, "gather"), (4, 8, "masked"), (4, 128, "masked")]  # k <= M only
+    assert all(r["masked_ms"] > 0 and r["gather_ms"] > 0 for r in summary["rows"]) and summary["cases"] == 5
 
 
 @pytest.mark.parametrize("argv,message", [
