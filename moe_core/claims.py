@@ -65,6 +65,20 @@ def small_gap(gap: float, noise: float, what: str) -> Verdict:
     return Verdict(UNDECIDED, f"{what}: the gap {gap:.3f} is {ratio:.1f}x the seed std {noise:.3f} (between 1x and 3x)")
 
 
+def within_margin(gap: float, noise: float, delta: float, what: str) -> Verdict:
+    """The paper's equifinality criterion for seed means: |gap| (in cross-entropy) inside +-delta, with the
+    seed spread `noise` (a std, same units) as the uncertainty. Agrees when |gap| + noise < delta,
+    disagrees when |gap| - noise > delta, undecided in between or without a seed spread."""
+    text = f"{what}: |gap| {abs(gap):.4f} against delta = {delta}, seed std {noise:.4f}"
+    if noise != noise or noise <= 0:  # nan or no spread: the gap's uncertainty is unknown
+        return Verdict(UNDECIDED, text + " (no seed spread)")
+    if abs(gap) + noise < delta:
+        return Verdict(AGREES, text + ": inside the margin by more than the spread")
+    if abs(gap) - noise > delta:
+        return Verdict(DISAGREES, text + ": outside the margin by more than the spread")
+    return Verdict(UNDECIDED, text + ": within one spread of the margin")
+
+
 def threshold(value: float, agree_if: str, bound: float, what: str, undecided_band: float = 0.0) -> Verdict:
     """A claim that a measured value is above (`agree_if="above"`) or below a bound.
 

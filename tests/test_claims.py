@@ -28,6 +28,15 @@ def test_small_gap():
     assert claims.small_gap(0.1, math.nan, "g").outcome == claims.UNDECIDED
 
 
+def test_within_margin_accepts_the_papers_own_rank16_result():
+    """Exp 070: Wide 37.72 +- 0.08, Deep 38.27 +- 0.05 PPL; the paper calls them equifinal at delta = 0.03."""
+    gap, noise = math.log(37.72 / 38.27), (0.08 / 37.72 + 0.05 / 38.27) / 2
+    assert claims.within_margin(gap, noise, 0.03, "g").outcome == claims.AGREES
+    assert claims.within_margin(0.05, 0.01, 0.03, "g").outcome == claims.DISAGREES
+    assert claims.within_margin(-0.025, 0.01, 0.03, "g").outcome == claims.UNDECIDED
+    assert claims.within_margin(0.001, math.nan, 0.03, "g").outcome == claims.UNDECIDED
+
+
 def test_threshold():
     assert claims.threshold(5.0, "above", 2.0, "v").outcome == claims.AGREES
     assert claims.threshold(1.0, "above", 2.0, "v").outcome == claims.DISAGREES
