@@ -37,17 +37,10 @@ from ..evaluate import evaluate
 from ..model import MoETransformer
 from ..trajectory import Interventions
 from .mechanism import _forward, _require_moe, cosine, set_jaccard
-from .utilisation import entropy_bits, selection_shares
+from .utilisation import as_numpy, entropy_bits, selection_shares
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _numpy(x) -> np.ndarray:
-    """A CPU numpy copy of a tensor or array-like."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def _path_ids(top1) -> np.ndarray:
@@ -56,7 +49,7 @@ def _path_ids(top1) -> np.ndarray:
     Layers are folded in one at a time and the ids re-densified after each, so the code never
     overflows (E^L does not fit in int64 for E = L = 16).
     """
-    top1 = _numpy(top1).astype(np.int64)
+    top1 = as_numpy(top1).astype(np.int64)
     if top1.ndim != 2:
         raise ValueError(f"top1 must be [N, L], got shape {top1.shape}")
     ids = np.zeros(top1.shape[0], dtype=np.int64)
@@ -106,7 +99,7 @@ def expert_loads(selections, n_experts: int) -> list[list[float]]:
 
     `selections` is top1 [N, L] (one column per layer) or a list with one [N, k] per layer.
     """
-    layers = list(selections) if isinstance(selections, (list, tuple)) else list(_numpy(selections).T)
+    layers = list(selections) if isinstance(selections, (list, tuple)) else list(as_numpy(selections).T)
     return [selection_shares(ids, n_experts).tolist() for ids in layers]
 
 
@@ -173,7 +166,7 @@ def block_path_entropy(top1, block: int) -> list[float]:
     Far less saturated than the full path's entropy (E^block possible sub-paths); with
     block = L it is the full path entropy.
     """
-    top1 = _numpy(top1)
+    top1 = as_numpy(top1)
     n_layers = top1.shape[1]
     if block < 1 or n_layers % block:
         raise ValueError(f"block={block} does not divide the {n_layers} layers")
@@ -185,7 +178,7 @@ def block_path_entropy(top1, block: int) -> list[float]:
 
 def cooccurrence(a, b, n_experts: int) -> np.ndarray:
     """C[i, j] = number of tokens with expert i in one layer and expert j in the next: [E, E]."""
-    a, b = _numpy(a).astype(np.int64), _numpy(b).astype(np.int64)
+    a, b = as_numpy(a).astype(np.int64), as_numpy(b).astype(np.int64)
     return np.bincount(a * n_experts + b, minlength=n_experts * n_experts).reshape(n_experts, n_experts)
 
 
@@ -212,7 +205,7 @@ def consecutive_agreement(top1, n_experts: int) -> list[dict]:
     e_{l+1}, "aligned_agreement": agreement after the best one-to-one relabelling of layer l+1's
     experts}. nmi and aligned_agreement are invariant to relabelling the experts of either layer.
     """
-    top1 = _numpy(top1)
+    top1 = as_numpy(top1)
     rows = []
     for layer in range(top1.shape[1] - 1):
         counts = cooccurrence(top1[:, layer], top1[:, layer + 1], n_experts)
@@ -260,7 +253,7 @@ def split_by_block(per_pair: list[float], block: int) -> dict:
 
 def _runs(top1) -> tuple[np.ndarray, np.ndarray]:
     """Every maximal run of one top-1 expert over consecutive layers: (the run's token, its length)."""
-    top1 = _numpy(top1)
+    top1 = as_numpy(top1)
     n, n_layers = top1.shape
     tokens, lengths = [], []
     run = np.ones(n, dtype=np.int64)
@@ -278,13 +271,13 @@ def run_length_histogram(top1) -> list[int]:
     A token whose path is (3, 3, 5, 5, 5) has one run of 2 and one of 3; each token's runs sum to L.
     """
     _, lengths = _runs(top1)
-    return np.bincount(lengths, minlength=_numpy(top1).shape[1] + 1)[1:].tolist()
+    return np.bincount(lengths, minlength=as_numpy(top1).shape[1] + 1)[1:].tolist()
 
 
 def sustained_engagement(top1, min_run: int = 4) -> float:
     """Share of tokens that keep one top-1 expert through >= min_run consecutive layers (spec 4.4)."""
     tokens, lengths = _runs(top1)
-    return len(np.unique(tokens[lengths >= min_run])) / _numpy(top1).shape[0]
+    return len(np.unique(tokens[lengths >= min_run])) / as_numpy(top1).shape[0]
 
 # ---------------------------------------------------------------------------------------------
 # paths and linguistic function (4.5)
@@ -350,7 +343,7 @@ def top_tokens_per_path(top1, tokens, m: int, n_top: int = 10) -> list[dict]:
     One row per path, most frequent first: {"path": tuple of experts, "tokens": count,
     "top": [(token id, count), ...] (at most n_top, most frequent first)}.
     """
-    top1, tokens = _numpy(top1), _numpy(tokens).reshape(-1)
+    top1, tokens = as_numpy(top1), as_numpy(tokens).reshape(-1)
     labels = top_path_labels(top1, m)
     rows = []
     for rank in range(min(m, labels.max(initial=-1) + 1)):

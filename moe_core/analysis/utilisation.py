@@ -9,9 +9,16 @@ import torch
 from safetensors.torch import load_file
 
 
+def as_numpy(x) -> np.ndarray:
+    """A CPU numpy copy of a tensor or array-like."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def selection_shares(ids, n_experts: int) -> np.ndarray:
     """The share of the selections `ids` (any shape, ids in [0, n_experts)) each expert received: [n_experts]."""
-    ids = (ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)).reshape(-1)
+    ids = as_numpy(ids).reshape(-1)
     counts = np.bincount(ids.astype(np.int64), minlength=n_experts)
     if counts.shape[0] > n_experts:
         raise ValueError(f"expert id {ids.max()} is out of range for n_experts={n_experts}")
