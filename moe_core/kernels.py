@@ -23,11 +23,11 @@ def _topk_kernel(scores, out, n_rows, n_cols, stride, K: tl.constexpr, ROWS: tl.
     cols = tl.arange(0, COLS)
     valid = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     x = tl.load(scores + rows[:, None] * stride + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-    x = tl.where(x != x, float("inf"), x)  # NaN ranks first
     # one int64 key per score: an order-preserving integer image of the float above, the column
     # below (reversed, so ties go to the lower column); one max per round finds both
     bits = x.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ordered = tl.where(x != x, 0x7FFFFFFF, ordered).to(tl.int64)  # NaN of either sign above +inf
     key = (ordered << 32) | (COLS - 1 - cols[None, :]).to(tl.int64)
     taken = -9223372036854775807 - 1  # below every score's key, -inf included
     key = tl.where(valid, key, taken)

@@ -1,6 +1,13 @@
-"""Fixtures shared by the test modules that spawn training processes."""
+"""Fixtures shared by the test modules that spawn training processes, and the Triton switch."""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels (moe_core/kernels.py) run on CPU tensors through Triton's interpreter.
+    # Triton reads the switch when a kernel is defined, so it is set here, before any test imports moe_core.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
-"""The C++ kernels of the CPU path (top-k against torch.topk and a stable sort, cross-entropy against
-F.cross_entropy in fp64) and their fallbacks."""
+"""The top-k kernels against one contract (a stable sort of order-preserving keys): the C++ kernel of the
+CPU path and the Triton kernel of the CUDA path, which runs here on CPU tensors through Triton's interpreter
+where no GPU is (conftest.py sets TRITON_INTERPRET). Then the C++ cross-entropy against F.cross_entropy in
+fp64, and the fallbacks."""
 import functools
 
 import pytest
@@ -11,6 +13,13 @@ from moe_core.config import ConfigError
 from moe_core.model import token_cross_entropy
 from moe_core.routing import ordered_int32, select_top_k, top_k_indices
 
+try:  # the Triton kernel, where Triton is installed (requirements.txt pins it for the interpreter on Linux x86-64)
+    from moe_core import kernels as triton_kernels
+except ImportError:
+    triton_kernels = None
+
+needs_triton = pytest.mark.skipif(triton_kernels is None, reason="Triton is not installed here")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu": the interpreter, about 30 ms per program
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="the C++ kernels did not build here "
                                   "(no compiler, or MOE_CORE_CPU_KERNELS=0); CI sets MOE_CORE_CPU_KERNELS=1")
 
@@ -46,10 +55,51 @@ def test_kernel_ties_nan_and_extremes_follow_the_reference():
         for k in (1, 4, 12, 64):
             got = cpu_kernels.topk_indices(scores, k)
             assert torch.equal(got, reference_top_k(scores, k))
-            assert got.unique(dim=-1).shape[-1] == k  # k distinct columns per row
+            assert (got.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct columns per row
     assert cpu_kernels.topk_indices(scores, 3)[1].tolist() == [0, 1, 2]
     assert cpu_kernels.topk_indices(scores, 1)[0].item() == 2  # NaN first, as in torch.topk
     assert cpu_kernels.topk_indices(scores, 1)[2].item() == 5  # of either sign
+
+
+@needs_triton
+@pytest.mark.parametrize("rows,cols,k", [(77, 1000, 12), (1000, 64, 12), (64, 1024, 4), (5, 17, 17), (300, 8192, 1),
+                                         (33, 3, 2)])
+def test_triton_kernel_picks_what_torch_topk_picks(rows, cols, k):
+    """Row lengths that fill a power of two and that do not, row groups cut short, k = 1 and k = all."""
+    scores = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * cols + k)).to(TRITON_DEVICE)
+    got = triton_kernels.topk_indices(scores, k)
+    assert got.device == scores.device and got.dtype == torch.int64
+    assert torch.equal(scores.gather(-1, got), scores.topk(k, dim=-1).values)
+    assert torch.equal(got, reference_top_k(scores, k))
+
+
+@needs_triton
+def test_triton_kernel_ties_nan_and_extremes_follow_the_reference():
+    """The same rows as the C++ kernel's test: both kernels rank by the same keys."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (1e-30, 1.0, 1e30):
+        scores = torch.randn(100, 64, generator=g) * scale
+        scores[torch.rand(scores.shape, generator=g) < 0.3] = 0.25 * scale
+        scores[0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), -float("inf")])
+        scores[1, :] = 1.0
+        scores[2, 5] = -float("nan")
+        scores[3, :] = -float("inf")  # k distinct columns even when every score is -inf
+        scores = scores.to(TRITON_DEVICE)
+        for k in (1, 4, 64):
+            got = triton_kernels.topk_indices(scores, k)
+            assert torch.equal(got, reference_top_k(scores, k))
+            assert (got.sort(-1).values.diff(dim=-1) > 0).all()
+    assert got[1, :3].tolist() == [0, 1, 2] and got[0, 0].item() == 2 and got[2, 0].item() == 5
+
+
+@needs_triton
+def test_triton_kernel_rejects_bad_input():
+    with pytest.raises(ValueError, match="k=0"):
+        triton_kernels.topk_indices(torch.randn(4, 8), 0)
+    with pytest.raises(ValueError, match=f"columns={triton_kernels.MAX_COLUMNS + 1}"):
+        triton_kernels.topk_indices(torch.randn(2, triton_kernels.MAX_COLUMNS + 1), 3)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        triton_kernels.topk_indices(torch.randn(8, 4).t(), 2)
 
 
 @needs_kernel
