@@ -16,10 +16,14 @@ def smoothed(series: pd.Series, window: int) -> pd.Series:
     return series.rolling(window, min_periods=1, center=True).mean()
 
 
-def loss_curves(ax, logs: dict[str, pd.DataFrame], column: str = "loss", window: int = 9, styles: dict | None = None):
-    """One smoothed curve per label; `logs` maps label -> a training log with `step` and `column`."""
+def loss_curves(ax, logs: dict[str, pd.DataFrame], column: str = "loss", window: int = 9, styles: dict | None = None,
+                finals: dict[str, float] | None = None):
+    """One smoothed curve per label; `logs` maps label -> a training log with `step` and `column`.
+    `finals` (label -> the run's final validation loss) adds a dot in the curve's colour at its last step."""
     for label, log in logs.items():
-        ax.plot(log["step"], smoothed(log[column], window), label=label, **(styles or {}).get(label, {}))
+        (line,) = ax.plot(log["step"], smoothed(log[column], window), label=label, **(styles or {}).get(label, {}))
+        if finals is not None and label in finals:
+            ax.plot(log["step"].iloc[-1], finals[label], "o", color=line.get_color(), markersize=5)
     ax.set_xlabel("step")
     ax.set_ylabel({"loss": "training cross-entropy", "val_loss": "validation cross-entropy"}.get(column, column))
     ax.legend(fontsize="small", ncol=2)
