@@ -103,9 +103,14 @@ def test_triton_kernel_rejects_bad_input():
 
 
 @needs_kernel
-def test_top_k_indices_takes_the_kernel_on_cpu_for_any_layout():
+def test_top_k_indices_and_the_router_take_the_kernel_on_cpu_for_any_layout(monkeypatch):
+    """The answers alone cannot tell the kernel from the fallback (both are torch.topk's): count the calls."""
+    calls, kernel = [], cpu_kernels.topk_indices
+    monkeypatch.setattr(cpu_kernels, "topk_indices", lambda s, k: calls.append((tuple(s.shape), k)) or kernel(s, k))
     scores = torch.randn(3, 50, 40).transpose(1, 2)  # [3, 40, 50], not contiguous
     assert torch.equal(top_k_indices(scores, 6), scores.topk(6, dim=-1).indices)
+    select_top_k(torch.randn(20, 64), 12)
+    assert calls == [((120, 50), 6), ((20, 64), 12)]
 
 
 def test_fallback_without_the_kernel_picks_what_torch_topk_picks(monkeypatch):
@@ -132,9 +137,21 @@ def test_routing_is_the_same_with_and_without_the_kernel(monkeypatch):
 
 @needs_kernel
 def test_compiled_code_calls_the_kernel_without_a_graph_break():
-    compiled = torch.compile(lambda s: s.gather(-1, top_k_indices(s, 3)), fullgraph=True)  # fullgraph: breaks raise
+    def pick(s):
+        return s.gather(-1, top_k_indices(s, 3))
+
     scores = torch.randn(10, 16)
+    compiled = torch.compile(pick, fullgraph=True)  # fullgraph: breaks raise
     assert torch.equal(compiled(scores), scores.topk(3, dim=-1).values)
+    targets = []
+
+    def record(graph, example_inputs):  # a backend that keeps the traced graph's operators
+        targets.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph.forward
+    torch._dynamo.reset()
+    torch.compile(pick, backend=record, fullgraph=True)(scores)
+    assert any(t.startswith("moe_core.cpu_topk_indices") for t in targets), targets
+    assert not any(t.endswith("topk") for t in targets), targets
 
 
 def test_kernel_rejects_bad_input():

@@ -157,10 +157,11 @@ def test_sigkill_from_outside_at_a_random_moment_resumes_exactly(tmp_path, cache
     metrics = store.run_dir(CFG, tmp_path) / "metrics.jsonl"
     while not metrics.exists() and child.poll() is None:  # training has started
         time.sleep(0.01)
-    time.sleep(random.uniform(0, 0.5))
+    time.sleep(random.uniform(0, 0.3))  # training lasts about 1-2 s after its first metrics line
     child.kill()
-    child.wait()
-    train(CFG, tmp_path, cache, progress=False)
+    assert child.wait() == -9, "the child finished before the kill: nothing was interrupted"
+    assert not (store.run_dir(CFG, tmp_path) / "results.json").exists()
+    assert train(CFG, tmp_path, cache, progress=False)["cached"] is False
     assert_same(outcome(store.run_dir(CFG, tmp_path)), reference)
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from moe_core import store
 from moe_core.model import MoETransformer
 from moe_core.routing import router_z_loss
-from moe_core.train import Objective, Trainer, lr_at, optimizer_step, train
+from moe_core.train import Objective, Trainer, auxiliary_loss, lr_at, optimizer_step, train
 from moe_core.variants import resolve
 
 
@@ -100,14 +100,17 @@ def test_cli_list_params_train_eval(tmp_path, cache):
     assert listed.returncode == 0 and "path_b4" in listed.stdout and "wiki-vital" in listed.stdout
     params = json.loads(run_cli("params", "--variant", "wide", "--profile", "paper", env_root=tmp_path).stdout)
     assert params["total"] == 84_740_096 and params["routing"] == 1_572_864 and params["paper_total"] == 84_742_144
-    trained = run_cli("train", "--variant", "wide", "--profile", "tiny", "--seed", "3", "--steps", "6",
+    trained = run_cli("train", "--variant", "deep", "--profile", "tiny", "--seed", "3", "--steps", "6",
                       "--no-progress", env_root=tmp_path)
     assert trained.returncode == 0, trained.stderr
     result = json.loads(trained.stdout.strip().splitlines()[-1])
     assert {"run_dir", "val_loss", "val_ppl", "tokens_per_s", "cached"} <= result.keys()
-    evaluated = run_cli("eval", result["run_dir"], "--halt-eps", "0.05", env_root=tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["mean_hops"] == 1.0
+    hops = {}
+    for flags in ((), ("--halt-eps", "1e9")):  # a threshold no update passes: every token stops after one hop
+        evaluated = run_cli("eval", result["run_dir"], *flags, env_root=tmp_path)
+        assert evaluated.returncode == 0, evaluated.stderr
+        hops[flags] = json.loads(evaluated.stdout.strip().splitlines()[-1])["mean_hops"]
+    assert list(hops.values()) == [3.0, 1.0]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -169,6 +172,38 @@ def test_balance_and_z_loss_options_train(tmp_path, cache):
     # summed over 4 layers: about 4x the per-event value of 1 for a balanced router
     assert logged and all(2.0 < rec["balance"] < 4 * cfg.model.n_experts for rec in logged)
     assert result["val_loss"] > 0
+
+
+def switch_loss_by_hand(routings, n_experts):
+    """M * sum_i f_i P_i over the pooled tokens of `routings`: f_i the share of all selections, P_i the mean
+    probability."""
+    idx = torch.cat([r.idx.flatten() for r in routings])
+    probs = torch.cat([r.probs.reshape(-1, n_experts) for r in routings])
+    f = torch.bincount(idx, minlength=n_experts).double() / idx.numel()
+    return n_experts * (f * probs.double().mean(0)).sum()
+
+
+def test_balance_loss_options_pool_and_reduce_the_routing_events_as_named():
+    """per_hop: one loss per (layer, hop); per_layer: one per layer over its hops pooled; then mean or sum.
+    The four combinations give four different numbers, so an option that was ignored would show."""
+    base = resolve("asymmetric", "tiny")  # layers of 1 to 3 hops: per_layer pools differently sized groups
+    torch.manual_seed(0)
+    model = MoETransformer(base.model).eval()
+    x = torch.randint(0, base.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        events = model(x, x).events
+    layers = sorted({e.layer for e in events})
+    per_hop = torch.stack([switch_loss_by_hand([e.routing], base.model.n_experts) for e in events])
+    per_layer = torch.stack([switch_loss_by_hand([e.routing for e in events if e.layer == layer], base.model.n_experts)
+                             for layer in layers])
+    got = {}
+    for pooling, terms in (("per_hop", per_hop), ("per_layer", per_layer)):
+        for reduce in ("mean", "sum"):
+            cfg = resolve("asymmetric", "tiny", overrides={"train": {"balance_events": pooling, "balance_reduce": reduce}})
+            with torch.no_grad():
+                got[pooling, reduce] = auxiliary_loss(events, cfg)[0].item()
+            assert got[pooling, reduce] == pytest.approx((terms.mean() if reduce == "mean" else terms.sum()).item(), rel=1e-6)
+    assert len(per_hop) > len(per_layer) > 1 and len(set(got.values())) == 4
 
 
 def test_objective_adds_each_auxiliary_term_with_its_coefficient():
