@@ -8,7 +8,7 @@ CIs about 10x tighter than comparing two unpaired means.
 - tost: CI-inclusion TOST, equivalent iff the 90% CI lies in the closed interval [-delta, +delta] (Table 14);
   block > 1 gives the moving-block bootstrap for autocorrelated batches (Table 16).
 - pairwise_equivalence / equivalence_counts: all pairs of models at several margins and block sizes.
-- seed_tost: a t-based TOST across independent seeds (pingouin), for final metrics of multi-seed runs.
+- seed_tost: a Welch t-based TOST across independent seeds (pingouin), for final metrics of multi-seed runs.
 
 pandas and pingouin are imported inside the functions that need them: the training machine has neither.
 """
@@ -168,16 +168,17 @@ def equivalence_counts(table, deltas, block: int = 1) -> dict:
 
 
 def seed_tost(values_a, values_b, bound: float) -> dict:
-    """Unpaired t-based TOST (pingouin) on a final metric across independent seeds, margin fixed in advance.
+    """Unpaired TOST (pingouin) with Welch's t on a final metric across independent seeds, margin fixed in advance.
 
-    Seeds of two configurations are independent, so the test is unpaired (pingouin applies Welch's correction
-    when the group sizes differ). With 3 seeds per group its power is low: 'not equivalent' is weak evidence.
+    Seeds of two configurations are independent, so the test is unpaired; their spreads can differ (the paper's
+    Deep 3x4 seeds vary 8x less than Wide's), so the variances are not pooled (Welch; pingouin's own default
+    pools them). With 3 seeds per group its power is low: 'not equivalent' is weak evidence.
     """
     import pingouin
 
     a = _as_series(values_a, "values_a", 2)
     b = _as_series(values_b, "values_b", 2)
     bound = _check_positive(bound, "bound")
-    res = pingouin.tost(a, b, bound=bound, paired=False)
+    res = pingouin.tost(a, b, bound=bound, paired=False, correction=True)
     p = float(res["pval"].iloc[0])
     return {"bound": bound, "dof": float(res["dof"].iloc[0]), "p_value": p, "equivalent": p < 0.05}

@@ -131,14 +131,34 @@ def test_pairwise_equivalence_table():
         equivalence_counts(table, deltas, block=7)
 
 
-def test_seed_tost_matches_pingouin():
-    pingouin = pytest.importorskip("pingouin")
-    wide, deep = [33.93, 34.35, 34.37], [34.62, 34.67, 34.67]
-    res = seed_tost(wide, deep, np.float32(1.0))
-    ref = pingouin.tost(np.array(wide), np.array(deep), bound=1.0, paired=False)
-    assert res["p_value"] == pytest.approx(float(ref["pval"].iloc[0]))
-    assert res["dof"] == pytest.approx(float(ref["dof"].iloc[0]))
+def welch_tost_by_hand(a, b, bound):
+    """The larger of the two one-sided Welch t-test p-values for |mean(a) - mean(b)| < bound, and the
+    Welch-Satterthwaite degrees of freedom."""
+    from scipy import stats as scipy_stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se, diff = np.sqrt(va + vb), a.mean() - b.mean()
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return max(scipy_stats.t.sf((diff + bound) / se, dof), scipy_stats.t.cdf((diff - bound) / se, dof)), dof
+
+
+@pytest.mark.parametrize("a,b,bound", [([33.93, 34.35, 34.37], [34.62, 34.67, 34.67], 1.0),  # the paper's seeds
+                                       ([33.93, 34.35, 34.37], [34.62, 34.67, 34.67, 34.1], 0.8),
+                                       ([1.0, 2.0], [1.5, 2.6, 3.1], 2.0)])
+def test_seed_tost_is_welchs_tost(a, b, bound):
+    """Written out from the t distribution: unequal variances are not pooled, whatever the group sizes."""
+    pytest.importorskip("pingouin")
+    bound = np.float32(bound)  # a numpy scalar comes back as a float
+    res = seed_tost(a, b, bound)
+    p, dof = welch_tost_by_hand(a, b, float(bound))
+    assert res["p_value"] == pytest.approx(p, rel=1e-9) and res["dof"] == pytest.approx(dof, rel=1e-9)
     assert type(res["bound"]) is float and res["equivalent"] == (res["p_value"] < 0.05)
+
+
+def test_seed_tost_is_not_equivalent_at_a_tight_margin_and_refuses_one_seed():
+    pytest.importorskip("pingouin")
+    wide, deep = [33.93, 34.35, 34.37], [34.62, 34.67, 34.67]
     assert not seed_tost(wide, deep, 0.1)["equivalent"]
     with pytest.raises(ValueError, match="values_b.*at least 2"):
         seed_tost(wide, [34.62], 1.0)
