@@ -47,8 +47,9 @@ def test_multi_hop_re_routes_from_the_updated_state():
 
 
 @pytest.mark.parametrize("profile", ["tiny", "smoke", "paper"])
-def test_wide_is_deep_with_one_hop_of_top_12(profile):
-    """The two variants differ in nothing else (the one-hop trajectory itself is tested above)."""
+def test_wide_is_deep_with_one_hop_of_three_times_the_top_k(profile):
+    """Wide 1x12 is Deep 3x4 folded into one hop (12 = 3 x 4 at the paper scale, scaled alike at the others);
+    the two variants differ in nothing else. The one-hop trajectory itself is tested above."""
     deep, wide = resolve("deep", profile).model, resolve("wide", profile).model
     assert dataclasses.replace(deep, hops=(1,), top_k=wide.top_k) == wide and wide.top_k == 3 * deep.top_k
 
