@@ -11,6 +11,20 @@ def use_theme() -> None:
     plt.rcParams.update({"figure.figsize": (7.5, 4.2), "figure.dpi": 110, "savefig.bbox": "tight"})
 
 
+def variant_styles(variants: list[str], dashed=()) -> dict[str, dict]:
+    """Line styles for loss_curves: one colour per variant, in a fixed order, so a variant keeps its colour
+    in every figure of a chapter; the `dashed` variants (controls, say) get dashed lines."""
+    palette = (sns.color_palette("colorblind", 10) + sns.color_palette("pastel", 10)) * (1 + len(variants) // 20)
+    return {v: {"color": c, **({"linestyle": "--"} if v in dashed else {})} for v, c in zip(variants, palette)}
+
+
+def seed_styles(styles: dict[str, dict], seeds: list[int]) -> dict[str, dict]:
+    """Styles for "<variant> s<seed>" labels: the variant's colour, one line style per seed."""
+    lines = ["-", "--", ":", "-."]
+    return {f"{v} s{seed}": {**style, "linestyle": lines[i % len(lines)]}
+            for v, style in styles.items() for i, seed in enumerate(seeds)}
+
+
 def smoothed(series: pd.Series, window: int) -> pd.Series:
     """A centred rolling mean, so noisy per-step training losses read as curves."""
     return series.rolling(window, min_periods=1, center=True).mean()
