@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from moe_core import store
 from moe_core.model import MoETransformer
-from moe_core.routing import router_z_loss
+from moe_core.routing import router_z_loss, switch_balance_loss
 from moe_core.train import Objective, Trainer, auxiliary_loss, lr_at, optimizer_step, train
 from moe_core.variants import resolve
 
@@ -174,18 +174,10 @@ def test_balance_and_z_loss_options_train(tmp_path, cache):
     assert result["val_loss"] > 0
 
 
-def switch_loss_by_hand(routings, n_experts):
-    """M * sum_i f_i P_i over the pooled tokens of `routings`: f_i the share of all selections, P_i the mean
-    probability."""
-    idx = torch.cat([r.idx.flatten() for r in routings])
-    probs = torch.cat([r.probs.reshape(-1, n_experts) for r in routings])
-    f = torch.bincount(idx, minlength=n_experts).double() / idx.numel()
-    return n_experts * (f * probs.double().mean(0)).sum()
-
-
 def test_balance_loss_options_pool_and_reduce_the_routing_events_as_named():
     """per_hop: one loss per (layer, hop); per_layer: one per layer over its hops pooled; then mean or sum.
-    The four combinations give four different numbers, so an option that was ignored would show."""
+    The pools are built here by hand (the loss of one pool is tested against the textbook formula in
+    test_routing.py). The four combinations give four different numbers, so an ignored option would show."""
     base = resolve("asymmetric", "tiny")  # layers of 1 to 3 hops: per_layer pools differently sized groups
     torch.manual_seed(0)
     model = MoETransformer(base.model).eval()
@@ -193,8 +185,8 @@ def test_balance_loss_options_pool_and_reduce_the_routing_events_as_named():
     with torch.no_grad():
         events = model(x, x).events
     layers = sorted({e.layer for e in events})
-    per_hop = torch.stack([switch_loss_by_hand([e.routing], base.model.n_experts) for e in events])
-    per_layer = torch.stack([switch_loss_by_hand([e.routing for e in events if e.layer == layer], base.model.n_experts)
+    per_hop = torch.stack([switch_balance_loss([e.routing], base.model.n_experts) for e in events])
+    per_layer = torch.stack([switch_balance_loss([e.routing for e in events if e.layer == layer], base.model.n_experts)
                              for layer in layers])
     got = {}
     for pooling, terms in (("per_hop", per_hop), ("per_layer", per_layer)):
