@@ -38,6 +38,14 @@ def direction(lo: float, hi: float, expect: str, what: str, level: int = 95) -> 
     return Verdict(UNDECIDED, f"{what}: the {ci} contains zero")
 
 
+def all_of(verdicts: list[Verdict], what: str) -> Verdict:
+    """A claim made of several parts: agrees when every part agrees, disagrees when any part disagrees,
+    undecided otherwise; the reason lists the parts."""
+    outcomes = {v.outcome for v in verdicts}
+    outcome = DISAGREES if DISAGREES in outcomes else AGREES if outcomes == {AGREES} else UNDECIDED
+    return Verdict(outcome, f"{what}: " + "; ".join(v.reason for v in verdicts))
+
+
 def equivalence(n_equivalent: int, n_pairs: int, n_clearly_different: int, delta: float) -> Verdict:
     """The paper's equifinality claim: every pair of cosine variants is TOST-equivalent at delta.
 
@@ -53,16 +61,14 @@ def equivalence(n_equivalent: int, n_pairs: int, n_clearly_different: int, delta
                               f"90% CIs straddle the margin")
 
 
-def small_gap(gap: float, noise: float, what: str) -> Verdict:
-    """A claim that a gap is small next to seed noise (both in the same units, noise = a std)."""
-    if noise != noise or noise <= 0:  # nan or no spread: nothing to compare with
-        return Verdict(UNDECIDED, f"{what}: no seed spread to compare the gap {gap:.3f} with")
-    ratio = abs(gap) / noise
-    if ratio <= 1:
-        return Verdict(AGREES, f"{what}: the gap {gap:.3f} is {ratio:.1f}x the seed std {noise:.3f}")
-    if ratio >= 3:
-        return Verdict(DISAGREES, f"{what}: the gap {gap:.3f} is {ratio:.1f}x the seed std {noise:.3f}")
-    return Verdict(UNDECIDED, f"{what}: the gap {gap:.3f} is {ratio:.1f}x the seed std {noise:.3f} (between 1x and 3x)")
+def not_equivalent(tost_result: dict, what: str) -> Verdict:
+    """A negative control's claim that a pair falls outside the equivalence band: agrees when the pair is
+    not TOST-equivalent (its 90% CI is not inside +-delta), disagrees when it is. `tost_result` is
+    stats.tost's dict."""
+    ci = f"90% CI [{tost_result['lo']:+.4f}, {tost_result['hi']:+.4f}]"
+    if tost_result["equivalent"]:
+        return Verdict(DISAGREES, f"{what}: the {ci} lies inside +-{tost_result['delta']}, so TOST calls it equivalent")
+    return Verdict(AGREES, f"{what}: the {ci} is not inside +-{tost_result['delta']}")
 
 
 def within_margin(gap: float, noise: float, delta: float, what: str) -> Verdict:

@@ -132,6 +132,18 @@ def loss_differences(first: RunSpec, second: RunSpec, profile: str):
     return paired_differences(batch_losses(run_dir(first, profile)), batch_losses(run_dir(second, profile)))
 
 
+def paired_gap(first: str, second: str, seeds: list[int], profile: str) -> dict:
+    """first minus second in validation loss, each seed's runs paired on the same batches. With two or more
+    seeds: the t interval of the per-seed mean differences (stats.seed_interval); with one, the paired
+    bootstrap over that seed's batches. 'basis' names which, for the verdict's text."""
+    from . import stats
+
+    diffs = [loss_differences(RunSpec(first, s), RunSpec(second, s), profile) for s in seeds]
+    if len(seeds) == 1:
+        return {**stats.paired_bootstrap(diffs[0]), "basis": f"seed {seeds[0]}, bootstrap over its validation batches"}
+    return {**stats.seed_interval([d.mean() for d in diffs]), "basis": f"{len(seeds)} seeds, t interval over seeds"}
+
+
 def summarise(table: pd.DataFrame, by: str = "label") -> pd.DataFrame:
     """Mean and std (ddof = 1, the paper's convention) of final PPL per group, in table order."""
     grouped = table.groupby(by, sort=False)["val_ppl"]

@@ -8,6 +8,7 @@ CIs about 10x tighter than comparing two unpaired means.
 - tost: CI-inclusion TOST, equivalent iff the 90% CI lies in the closed interval [-delta, +delta] (Table 14);
   block > 1 gives the moving-block bootstrap for autocorrelated batches (Table 16).
 - pairwise_equivalence / equivalence_counts: all pairs of models at several margins and block sizes.
+- seed_interval: a t interval over per-seed paired differences, for direction claims with several seeds.
 - seed_tost: a Welch t-based TOST across independent seeds (pingouin), for final metrics of multi-seed runs.
 
 pandas and pingouin are imported inside the functions that need them: the training machine has neither.
@@ -90,6 +91,24 @@ def paired_bootstrap(diffs, n_resamples: int = 10_000, seed: int = 42, block: in
     lo, hi = _percentile_ci(bootstrap_means(d, n_resamples, seed, block), ci)
     return {"mean": float(d.mean()), "lo": lo, "hi": hi, "zero_in_ci": lo <= 0.0 <= hi,
             "n": int(d.size), "block": int(block)}
+
+
+def ppl_gap_in_ce(mean_a: float, std_a: float, mean_b: float, std_b: float) -> tuple[float, float]:
+    """Two seed-mean PPLs (mean, std) as a cross-entropy gap and noise, the units of the paper's margin:
+    ln(mean_a / mean_b), and the mean of the two seed stds of ln PPL (about std / mean each)."""
+    return float(np.log(mean_a / mean_b)), (std_a / mean_a + std_b / mean_b) / 2
+
+
+def seed_interval(seed_means, ci: float = 0.95) -> dict:
+    """Student t interval of the mean of per-seed paired differences. The seeds are the independent units:
+    the validation batches of one pair of runs share that pair's luck, so a bootstrap over them leaves out
+    the spread between seeds (at the smoke scale several times the width of one seed's batch CI)."""
+    from scipy import stats as scipy_stats
+
+    ci = _check_fraction(ci, "ci", 1.0)
+    m = _as_series(seed_means, "seed_means", 2)
+    half = float(scipy_stats.t.ppf(0.5 + ci / 2, m.size - 1) * m.std(ddof=1) / np.sqrt(m.size))
+    return {"mean": float(m.mean()), "lo": float(m.mean()) - half, "hi": float(m.mean()) + half, "n_seeds": int(m.size)}
 
 
 def _inside(lo: float, hi: float, delta: float) -> bool:

@@ -21,11 +21,20 @@ def test_equivalence():
     assert claims.equivalence(6, 10, 0, 0.03).outcome == claims.UNDECIDED
 
 
-def test_small_gap():
-    assert claims.small_gap(0.03, 0.2, "g").outcome == claims.AGREES
-    assert claims.small_gap(0.5, 0.2, "g").outcome == claims.UNDECIDED
-    assert claims.small_gap(-0.9, 0.2, "g").outcome == claims.DISAGREES
-    assert claims.small_gap(0.1, math.nan, "g").outcome == claims.UNDECIDED
+def test_not_equivalent_on_the_papers_negative_control():
+    """The paper's linear - wide: 90% CI [-0.041, -0.025] at delta 0.03, not inside the band."""
+    paper = {"lo": -0.041, "hi": -0.025, "delta": 0.03, "equivalent": False}
+    assert claims.not_equivalent(paper, "linear - wide").outcome == claims.AGREES
+    inside = {"lo": -0.012, "hi": -0.004, "delta": 0.03, "equivalent": True}
+    assert claims.not_equivalent(inside, "linear - wide").outcome == claims.DISAGREES
+
+
+def test_all_of_needs_every_part():
+    yes, no, maybe = (claims.Verdict(o, o) for o in (claims.AGREES, claims.DISAGREES, claims.UNDECIDED))
+    assert claims.all_of([yes, yes], "both").outcome == claims.AGREES
+    assert claims.all_of([yes, maybe], "both").outcome == claims.UNDECIDED
+    assert claims.all_of([maybe, no, yes], "both").outcome == claims.DISAGREES
+    assert claims.all_of([yes, no], "both").reason == "both: agrees; disagrees"
 
 
 def test_within_margin_accepts_the_papers_own_rank16_result():

@@ -7,7 +7,7 @@ import pytest
 
 from moe_core.experiments import summarise
 from moe_core.stats import (bootstrap_means, equivalence_counts, paired_bootstrap, paired_differences,
-                            pairwise_equivalence, seed_tost, tost)
+                            pairwise_equivalence, ppl_gap_in_ce, seed_interval, seed_tost, tost)
 
 N = 50  # validation batches, as in the paper
 R = 2000  # resamples: enough for stable CIs, fast on a shared CPU
@@ -193,3 +193,30 @@ def test_summarise_follows_table3s_convention():
 def test_bad_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_seed_interval_is_students_t_over_the_seeds():
+    """Per-seed means 1, 2, 3: mean 2, std 1, t(0.975, 2) = 4.3027, so the 95% interval is 2 +- 4.3027 / sqrt(3)."""
+    got = seed_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / np.sqrt(3)
+    assert got == pytest.approx({"mean": 2.0, "lo": 2.0 - half, "hi": 2.0 + half, "n_seeds": 3})
+    assert seed_interval([1.0, 2.0, 3.0], ci=0.9)["hi"] < got["hi"]
+    with pytest.raises(ValueError, match="seed_means.*at least 2"):
+        seed_interval([1.0])
+
+
+def test_ppl_gap_in_ce_on_the_papers_replication():
+    gap, noise = ppl_gap_in_ce(34.25, 0.20, 34.22, 0.02)
+    assert gap == pytest.approx(np.log(34.25 / 34.22)) and noise == pytest.approx((0.20 / 34.25 + 0.02 / 34.22) / 2)
+
+
+def test_paired_gap_pairs_each_seed_and_takes_the_seeds_as_units(monkeypatch):
+    from moe_core import experiments
+
+    per_seed = {1: np.array([0.1, 0.3]), 2: np.array([0.2, 0.4]), 3: np.array([0.6, 0.8])}
+    monkeypatch.setattr(experiments, "loss_differences", lambda first, second, profile: per_seed[first.seed])
+    several = experiments.paired_gap("a", "b", [1, 2, 3], "tiny")
+    assert several["mean"] == pytest.approx(0.4) and several["n_seeds"] == 3 and "3 seeds" in several["basis"]
+    assert several == pytest.approx({**seed_interval([0.2, 0.3, 0.7]), "basis": several["basis"]})
+    one = experiments.paired_gap("a", "b", [2], "tiny")
+    assert one["mean"] == pytest.approx(0.3) and one["basis"].startswith("seed 2, bootstrap")
