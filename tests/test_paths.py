@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from moe_core.analysis.paths import (
+    aligned_labels,
     block_path_entropy, consecutive_agreement, consecutive_correlation, consecutive_jaccard, expert_loads,
     expert_permutations, expert_usage_entropy, path_class_alignment, path_statistics, router_noise_robustness,
     routing_record, run_length_histogram, shuffle_robustness, single_layer_shuffle, split_by_block,
     sustained_engagement, token_class, token_fraction_shuffle, token_permutations, token_routing_entropy,
     top_path_labels, top_tokens_per_path, unique_paths_curve,
 )
+from moe_core.analysis.utilisation import ranked_loads
 from moe_core.model import MoETransformer
 from moe_core.variants import resolve
 
@@ -359,3 +361,21 @@ def test_load_statistics_of_balanced_skewed_and_collapsed_routers():
     assert skewed["entropy_bits"] == pytest.approx(1.5) and skewed["entropy_norm"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="expert id 4 is out of range for n_experts=4"):
         selection_shares([0, 4], 4)
+
+
+def test_aligned_labels_undo_each_layers_renaming():
+    """Four layers routing every token alike, each layer's experts renamed at random: index runs see noise,
+    the relabelled ones see every token keep its expert through all four layers."""
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(0, 8, (500,), generator=g)
+    top1 = torch.stack([torch.randperm(8, generator=g)[first] for _ in range(4)], dim=1)
+    aligned = aligned_labels(top1, 8)
+    assert (aligned == aligned[:, :1]).all() and (aligned[:, 0] == top1[:, 0].numpy()).all()  # layer 0 keeps its ids
+    assert sustained_engagement(aligned) == 1.0 > sustained_engagement(top1)
+
+
+def test_ranked_loads_sort_each_event_before_averaging():
+    """Two layers with the same skewed profile under different expert ids: averaging by id would flatten it."""
+    skewed = [0.7, 0.2, 0.1, 0.0]
+    profile = ranked_loads([skewed, skewed[::-1]])
+    assert profile.tolist() == pytest.approx(skewed)

@@ -39,6 +39,13 @@ def expert_loads(run: str | Path, n_experts: int) -> dict[tuple[int, int], np.nd
             selection_shares(ids, n_experts) for key, ids in telemetry.items() if key.startswith("ids.")}
 
 
+def ranked_loads(shares) -> np.ndarray:
+    """The mean load profile of several routing events: each event's shares sorted, most used first, then
+    averaged by rank. Expert ids mean nothing across independently parameterised layers, so averaging
+    by id first would flatten the profile of every model whose layers do not share labels."""
+    return np.mean([np.sort(np.asarray(s, dtype=np.float64))[::-1] for s in shares], axis=0)
+
+
 def load_statistics(share, n_experts: int) -> dict:
     """Balance of one routing event: CV of loads, max/mean, dead experts, entropy (bits and / log2 M).
 
