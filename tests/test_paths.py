@@ -313,6 +313,18 @@ def test_shuffle_robustness():
     assert shuffled["clean_ppl"] == identity["clean_ppl"]
     assert shuffled["shuffled_ppl"] != shuffled["clean_ppl"]
     assert shuffled["increase_pct"] == pytest.approx(100 * (shuffled["shuffled_ppl"] / shuffled["clean_ppl"] - 1))
+    assert math.isnan(shuffled["increase_std"])
+
+
+def test_shuffle_robustness_averages_draws_of_consecutive_seeds():
+    model = build()
+    single = [shuffle_robustness(model, BATCHES, CPU, seed=s)["increase_pct"] for s in (5, 6, 7)]
+    drawn = shuffle_robustness(model, BATCHES, CPU, seed=5, draws=3)
+    assert drawn["increase_pct"] == pytest.approx(sum(single) / 3)
+    assert drawn["increase_std"] == pytest.approx(torch.tensor(single, dtype=torch.float64).std().item())
+    assert drawn["increase_std"] > 0
+    with pytest.raises(ValueError, match="draws=0"):
+        shuffle_robustness(model, BATCHES, CPU, draws=0)
 
 
 def test_single_layer_shuffle():

@@ -412,19 +412,26 @@ def token_permutations(n_tokens: int, n_layers: int, n_experts: int, rho: float,
 
 
 def shuffle_robustness(model: MoETransformer, batches, device: torch.device, seed: int = 0, layers=None,
-                       precision: str = "auto") -> dict:
+                       precision: str = "auto", draws: int = 1) -> dict:
     """Perplexity clean vs with expert ids permuted at every layer, or only at `layers` (spec 4.6 i).
 
-    The routing decision is kept (same gates), but expert id e is served by expert perm[e].
-    Returns {"clean_ppl", "shuffled_ppl", "increase_pct" = 100 (shuffled / clean - 1), "layers"}
-    (paper: +237% PathB4 vs +5328% Indep).
+    The routing decision is kept (same gates), but expert id e is served by expert perm[e]. With
+    draws > 1 the permutations of seeds seed, seed + 1, ... are each evaluated (spec 4.6: 5 seeds).
+    Returns {"clean_ppl", "shuffled_ppl" and "increase_pct" = 100 (shuffled / clean - 1), both means
+    over the draws, "increase_std" (over the draws; nan for one), "layers"} (paper: +237% PathB4 vs
+    +5328% Indep).
     """
     _require_moe(model, "shuffle_robustness")
+    if draws < 1:
+        raise ValueError(f"draws={draws}: need at least one draw of permutations")
     n_layers = model.cfg.n_layers
-    perms = expert_permutations(n_layers, model.cfg.n_experts, seed, layers)
     clean = _ppl(model, batches, device, precision)
-    shuffled = _ppl(model, batches, device, precision, Interventions(expert_permutation=perms))
-    return {"clean_ppl": clean, "shuffled_ppl": shuffled, "increase_pct": _increase_pct(clean, shuffled),
+    shuffled = [_ppl(model, batches, device, precision, Interventions(
+        expert_permutation=expert_permutations(n_layers, model.cfg.n_experts, seed + draw, layers)))
+        for draw in range(draws)]
+    increases = [_increase_pct(clean, s) for s in shuffled]
+    return {"clean_ppl": clean, "shuffled_ppl": float(np.mean(shuffled)), "increase_pct": float(np.mean(increases)),
+            "increase_std": float(np.std(increases, ddof=1)) if draws > 1 else math.nan,
             "layers": list(range(n_layers)) if layers is None else sorted(layers)}
 
 
