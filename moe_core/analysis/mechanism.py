@@ -199,9 +199,10 @@ def moe_attention_norm_ratio(model: MoETransformer, tokens: torch.Tensor) -> dic
     """Per layer, the mean over tokens of ||MoE output|| / ||attention output|| (spec 4.8).
 
     The paper does not say whether it averages the per-token ratios or takes the ratio of mean norms;
-    this is the former, so each token weighs the same whatever its norms. Both are what the block adds to the residual stream (the MoE output includes any magnitude
-    alpha). A fraction, not a percentage (paper: Wide 0.396, Deep 1.482). Dense models give the
-    FFN/attention ratio. Returns {"per_layer", "mean"}.
+    this is the former, so each token weighs the same whatever its norms. Both are what the block adds
+    to the residual stream (the MoE output includes any magnitude alpha). A fraction, not a percentage
+    (paper: Wide 0.396, Deep 1.482). Dense models give the FFN/attention ratio. Returns
+    {"per_layer", "mean"}.
     """
     out = _forward(model, tokens, Interventions(trace=True))
     per_layer = [(moe / attn).mean().item() for attn, moe in zip(out.attn_norms, out.moe_norms)]
