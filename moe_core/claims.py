@@ -38,6 +38,11 @@ def direction(lo: float, hi: float, expect: str, what: str, level: int = 95) -> 
     return Verdict(UNDECIDED, f"{what}: the {ci} contains zero")
 
 
+def gap_direction(gap: dict, expect: str, what: str) -> Verdict:
+    """direction() on a paired gap from experiments.paired_gap, its basis (seeds or one seed's batches) named."""
+    return direction(gap["lo"], gap["hi"], expect, f"{what}, {gap['basis']}")
+
+
 def all_of(verdicts: list[Verdict], what: str) -> Verdict:
     """A claim made of several parts: agrees when every part agrees, disagrees when any part disagrees,
     undecided otherwise; the reason lists the parts."""

@@ -51,3 +51,9 @@ def test_threshold():
     assert claims.threshold(1.0, "above", 2.0, "v").outcome == claims.DISAGREES
     assert claims.threshold(0.02, "below", 0.03, "v", undecided_band=0.02).outcome == claims.UNDECIDED
     assert str(claims.threshold(0.01, "below", 0.03, "v")).startswith("agrees: v = 0.01")
+
+
+def test_gap_direction_names_the_basis():
+    gap = {"lo": -0.05, "hi": -0.01, "basis": "3 seeds, t interval over seeds"}
+    verdict = claims.gap_direction(gap, "negative", "a - b")
+    assert verdict == claims.direction(-0.05, -0.01, "negative", "a - b, 3 seeds, t interval over seeds")
