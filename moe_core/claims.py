@@ -51,19 +51,20 @@ def all_of(verdicts: list[Verdict], what: str) -> Verdict:
     return Verdict(outcome, f"{what}: " + "; ".join(v.reason for v in verdicts))
 
 
-def equivalence(n_equivalent: int, n_pairs: int, n_clearly_different: int, delta: float) -> Verdict:
+def equivalence(n_equivalent: int, n_pairs: int, n_clearly_different: int, delta: float, basis: str) -> Verdict:
     """The paper's equifinality claim: every pair of cosine variants is TOST-equivalent at delta.
 
     Agrees when all pairs are equivalent; disagrees when some pair's 90% CI lies entirely outside
     +-delta (a difference larger than the margin); otherwise undecided (CIs straddle the margin).
+    `basis` names what the intervals resample (one seed's batches, say), for the reason.
     """
     if n_equivalent == n_pairs:
-        return Verdict(AGREES, f"all {n_pairs} pairs are TOST-equivalent at delta = {delta}")
+        return Verdict(AGREES, f"all {n_pairs} pairs are TOST-equivalent at delta = {delta} ({basis})")
     if n_clearly_different:
         return Verdict(DISAGREES, f"{n_clearly_different} of {n_pairs} pairs differ by more than delta = {delta} "
-                                  f"(90% CI entirely outside the margin)")
+                                  f"(90% CI entirely outside the margin; {basis})")
     return Verdict(UNDECIDED, f"{n_equivalent} of {n_pairs} pairs are equivalent at delta = {delta}; the others' "
-                              f"90% CIs straddle the margin")
+                              f"90% CIs straddle the margin ({basis})")
 
 
 def not_equivalent(tost_result: dict, what: str) -> Verdict:

@@ -16,9 +16,10 @@ def test_direction():
 
 
 def test_equivalence():
-    assert claims.equivalence(10, 10, 0, 0.03).outcome == claims.AGREES
-    assert claims.equivalence(6, 10, 2, 0.03).outcome == claims.DISAGREES
-    assert claims.equivalence(6, 10, 0, 0.03).outcome == claims.UNDECIDED
+    assert claims.equivalence(10, 10, 0, 0.03, "seed 42").outcome == claims.AGREES
+    assert claims.equivalence(6, 10, 2, 0.03, "seed 42").outcome == claims.DISAGREES
+    undecided = claims.equivalence(6, 10, 0, 0.03, "seed 42, bootstrap over its batches")
+    assert undecided.outcome == claims.UNDECIDED and "seed 42, bootstrap over its batches" in undecided.reason
 
 
 def test_not_equivalent_on_the_papers_negative_control():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_core.analysis.mechanism import (
-    cosine, expert_zeroing, frozen_routing, halting_sweep, hop_collinearity, hop_jaccard,
+    cosine, cost_at_saving, expert_zeroing, frozen_routing, halting_sweep, hop_collinearity, hop_jaccard,
     identity_cosine, jaccard_matrix, moe_attention_norm_ratio, set_jaccard, vocab_projection_jaccard,
     weight_alignment_cosine,
 )
@@ -167,6 +167,14 @@ def test_halting_sweep_counts_per_layer_hop_slots():
 def test_halting_sweep_rejects_non_positive_eps():
     with pytest.raises(ValueError, match="> 0"):
         halting_sweep(build("deep"), BATCHES, CPU, eps=(0.0, 0.1))
+
+
+def test_cost_at_saving_interpolates_between_sweep_rows():
+    rows = [{"flop_saving": 0.0, "delta_ppl_pct": 0.0}, {"flop_saving": 0.4, "delta_ppl_pct": 2.0},
+            {"flop_saving": 0.1, "delta_ppl_pct": 1.0}]  # out of order, as no sweep promises its order
+    assert cost_at_saving(rows, 0.25) == pytest.approx(1.5)  # halfway between 0.1 (1.0) and 0.4 (2.0)
+    assert cost_at_saving(rows, 0.1) == pytest.approx(1.0)
+    assert cost_at_saving(rows, 0.5) is None  # never saved that much: no extrapolation
 
 
 # --- expert contribution

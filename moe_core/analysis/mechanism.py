@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -179,6 +180,18 @@ def halting_sweep(model: MoETransformer, batches, device: torch.device,
     for row in rows:
         row["delta_ppl_pct"] = 100.0 * (row["val_ppl"] / rows[0]["val_ppl"] - 1.0)
     return rows
+
+
+def cost_at_saving(rows: list[dict], saving: float) -> float | None:
+    """PPL change (%) at a MoE FLOP saving (a fraction), interpolated linearly along halting_sweep's rows.
+
+    The paper's halting claims are about the cost of a given saving, and the same epsilon saves more in
+    an underfit model, so models are compared at equal saving. None when no epsilon saved that much.
+    """
+    points = sorted((row["flop_saving"], row["delta_ppl_pct"]) for row in rows)
+    if points[-1][0] < saving:
+        return None
+    return float(np.interp(saving, [s for s, _ in points], [d for _, d in points]))
 
 # ---------------------------------------------------------------------------------------------
 # how much the experts contribute (4.8)
