@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from .config import PROFILE_KEYS, VARIANT_KEYS, ConfigError, check_spec
+from .config import ConfigError
 from .variants import check_name, paper_reference, profiles, resolve, variants
 
 
@@ -66,11 +66,16 @@ def add_settings(overrides: dict, settings) -> dict:
     return overrides
 
 
-def train_options(args) -> dict:
-    """The keyword arguments of `train` that the train and sweep commands share."""
-    for flag, path in (("--run-root", args.run_root), ("--cache-dir", args.cache_dir)):
+def require_directories(paths: dict) -> None:
+    """Each given path (flag -> path or None) is a directory or does not exist yet, checked before any work."""
+    for flag, path in paths.items():
         if path is not None and path.exists() and not path.is_dir():
             raise ConfigError(flag, str(path), "must be a directory (it exists as a file)")
+
+
+def train_options(args) -> dict:
+    """The keyword arguments of `train` that the train and sweep commands share."""
+    require_directories({"--run-root": args.run_root, "--cache-dir": args.cache_dir})
     return {"run_root": args.run_root, "cache_dir": args.cache_dir, "progress": not args.no_progress}
 
 
@@ -96,23 +101,21 @@ def cmd_sweep(args) -> dict | None:
 
 
 def cmd_eval(args) -> dict:
-    from .data import prepare_data, val_batches
-    from .evaluate import evaluate, load_model
-    from .train import default_cache_dir, require_device
+    from .evaluate import evaluate
+    from .experiments import load_run_dir
+    from .train import require_device
     from .trajectory import Interventions
 
     run = Path(args.run_dir)
     if not (math.isfinite(args.halt_eps) and args.halt_eps >= 0):
         raise ConfigError("--halt-eps", args.halt_eps, "must be a finite number >= 0")
     require_device("--device", args.device)
+    require_directories({"--cache-dir": args.cache_dir})
     if not (run / "final.safetensors").exists():
         raise ConfigError("run_dir", str(run), "holds no finished run (no final.safetensors)")
-    model, cfg = load_model(run, args.device)
-    t = cfg.train
-    data = prepare_data(cfg.data.corpus, cfg.data.vocab_size, args.cache_dir or default_cache_dir())
-    batches = val_batches(data.validation, t.seq_len, t.eval_batch_size, t.eval_batches)
+    model, cfg, batches = load_run_dir(run, args.device, args.cache_dir)
     iv = Interventions(halt_eps=args.halt_eps, freeze_routing=args.freeze_routing, zero_moe=args.zero_moe)
-    result = evaluate(model, batches, next(model.parameters()).device, t.precision, iv)
+    result = evaluate(model, batches, next(model.parameters()).device, cfg.train.precision, iv)
     result.pop("batch_losses")
     return {"run_dir": str(run), "variant": cfg.variant, "seed": cfg.seed, **vars(iv), **result}
 
@@ -190,17 +193,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_names(args) -> None:
-    """The variants and profile asked for exist and their YAML entries are well formed."""
-    if args.command not in ("params", "train", "sweep"):
-        return
-    check_name("profile", args.profile, profiles())
-    check_spec(f"profile {args.profile}", profiles()[args.profile], PROFILE_KEYS, required=("scale",))
-    for variant in args.variant if args.command == "sweep" else [args.variant]:
-        check_name("variant", variant, variants())
-        check_spec(f"variant {variant}", variants()[variant], VARIANT_KEYS)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from . import cpu_kernels
@@ -212,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reports = World.from_env().main
         cpu_kernels.checked_switch()
-        check_names(args)
         result = commands[args.command](args)
     except (ConfigError, CorpusUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -103,13 +103,19 @@ def run_dir(spec: RunSpec, profile: str, run_root: str | Path | None = None) -> 
 
 def load_run(spec: RunSpec, profile: str, run_root: str | Path | None = None):
     """(model, its validation batches) of a finished run, for the inference-time analyses."""
+    model, _, batches = load_run_dir(run_dir(spec, profile, run_root))
+    return model, batches
+
+
+def load_run_dir(run: str | Path, device: str = "cpu", cache_dir: str | Path | None = None):
+    """(model, its config, its validation batches) of the finished run stored in `run`."""
     from .data import val_batches
     from .evaluate import load_model
 
-    model, cfg = load_model(run_dir(spec, profile, run_root))
+    model, cfg = load_model(run, device)
     t = cfg.train
-    data = prepare_data(cfg.data.corpus, cfg.data.vocab_size, default_cache_dir())
-    return model, val_batches(data.validation, t.seq_len, t.eval_batch_size, t.eval_batches)
+    data = prepare_data(cfg.data.corpus, cfg.data.vocab_size, cache_dir or default_cache_dir())
+    return model, cfg, val_batches(data.validation, t.seq_len, t.eval_batch_size, t.eval_batches)
 
 
 def metrics(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

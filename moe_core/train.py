@@ -389,10 +389,12 @@ class Trainer:
         log_every = max(1, t.steps // 200)
         bar = tqdm(total=t.steps, initial=start, disable=not (self.progress and main), unit="step", file=sys.stderr,
                    desc=f"{cfg.variant}/{cfg.profile}/s{cfg.seed}", dynamic_ncols=True, mininterval=1.0)
-        tokens_done, tick = 0, time.perf_counter()
+        # step_seconds: time spent in training steps since the last log line; evals and checkpoints are left out
+        tokens_done, step_seconds, tick = 0, 0.0, time.perf_counter()
         try:
             for step in range(start, t.steps):
                 if stop_at is not None and step >= stop_at:
+                    self.train_seconds += step_seconds + time.perf_counter() - tick
                     self.checkpoint(step)
                     if main:
                         store.write_status(self.run, "paused", step=step)
@@ -403,24 +405,26 @@ class Trainer:
                 done = step + 1
                 if done % log_every == 0 or done == t.steps:
                     self.check_finite(done)
-                    now = time.perf_counter()
-                    self.train_seconds += now - tick
-                    tokens_per_s = tokens_done / (now - tick)
+                    step_seconds += time.perf_counter() - tick
+                    self.train_seconds += step_seconds
+                    tokens_per_s = tokens_done / step_seconds
                     record = {"step": done, **{k: float(v) for k, v in stats.items()}, "tokens_per_s": tokens_per_s,
                               "mfu": tokens_per_s * self.flops_per_token / self.peak_flops(), "train_seconds": self.train_seconds}
                     if main:
                         self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{math.exp(min(record['loss'], 50)):.1f}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
-                    tokens_done, tick = 0, time.perf_counter()
+                    tokens_done, step_seconds, tick = 0, 0.0, time.perf_counter()
                 if done % t.eval_every == 0 and done < t.steps:
-                    self.check_finite(done)
+                    self.check_finite(done)  # waits for the step's work, so its time is counted in full
+                    step_seconds += time.perf_counter() - tick
                     if main:
                         result = evaluate(self.model, self.val, self.device, t.precision)
                         self.log({"step": done, "val_loss": result["val_loss"], "val_ppl": result["val_ppl"]})
                         bar.write(f"step {done}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
                     tick = time.perf_counter()
                 if done % t.checkpoint_every == 0 or done == t.steps:  # the last one covers finish()
+                    step_seconds += time.perf_counter() - tick
                     self.checkpoint(done)
                     tick = time.perf_counter()
                 bar.update(1)

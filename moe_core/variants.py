@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, build, validate
+from .config import (PROFILE_KEYS, VARIANT_KEYS, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, build,
+                     check_spec, validate)
 
 HERE = Path(__file__).parent
 DERIVED = ("iso_flop", "iso_param", "iso_linear")
@@ -70,6 +71,8 @@ def resolve(variant: str, profile: str, seed: int = 42, overrides: dict | None =
     check_name("variant", variant, variants())
     check_name("profile", profile, profiles())
     prof, var = profiles()[profile], variants()[variant]
+    check_spec(f"profile {profile}", prof, PROFILE_KEYS, required=("scale",))  # a misspelt section is not ignored
+    check_spec(f"variant {variant}", var, VARIANT_KEYS)
     defaults = _load(HERE / "variants.yaml")["_defaults"]
     overrides = overrides or {}
     for name in overrides:
@@ -92,8 +95,12 @@ def resolve(variant: str, profile: str, seed: int = 42, overrides: dict | None =
     model = build(ModelConfig, {**model_values, **{k: 1 for k in derived}}, "model")
     train = build(TrainConfig, sections["train"], "train")
     cfg = validate(RunConfig(model=model, train=train, data=data, seed=seed, variant=variant, profile=profile))
+    # the Wide model a derived width matches: at the same overrides, less the keys this variant sets itself
+    wide_overrides = {**overrides, "model": {k: v for k, v in overrides.get("model", {}).items()
+                                             if k not in var.get("model", {})}}
     for key, what in derived.items():
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{key: _derive(what, cfg.model, profile)}))
+        width = _derive(what, cfg.model, resolve("wide", profile, seed, wide_overrides).model)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{key: width}))
     return validate(cfg)
 
 
@@ -109,15 +116,16 @@ def resample_hops(pattern: list[int], n_layers: int) -> list[int]:
     return out
 
 
-def _derive(what: str, model: ModelConfig, profile: str) -> int:
-    """Compute an iso-FLOP / iso-parameter width at this profile."""
+def _derive(what: str, model: ModelConfig, wide: ModelConfig) -> int:
+    """An iso-FLOP / iso-parameter width for `model`, matched to the Wide model `wide` (same profile and
+    overrides), or the d_space that gives the cosine router a linear router's parameters."""
     from .params import count_parameters
 
     if what == "iso_flop":
-        return resolve("wide", profile).model.active_neurons
+        return wide.active_neurons
     if what == "iso_linear":  # d_space * (d_model + M [+ M kinematic]) = M * d_model
         n_mats = 2 if model.kinematic_vectors else 1
         return round(model.n_experts * model.d_model / (model.d_model + n_mats * model.n_experts))
-    wide = count_parameters(resolve("wide", profile).model)["total"]
+    wide = count_parameters(wide)["total"]
     no_ffn = count_parameters(dataclasses.replace(model, ffn="dense", d_ff=1))["total"] - 2 * model.d_model * model.n_layers
     return round((wide - no_ffn) / (2 * model.d_model * model.n_layers))

@@ -186,6 +186,19 @@ def test_paper_scale_derived_widths():
     assert round(linear / cosine, 2) == 5.33  # the paper's "5.3x" / "80% fewer"
 
 
+@pytest.mark.parametrize("overrides", [{"data": {"vocab_size": 400}}, {"model": {"n_layers": 2}},
+                                       {"model": {"d_model": 96, "n_heads": 3}}])
+def test_derived_widths_follow_the_overrides(overrides):
+    """The iso baselines match the Wide model built with the same overrides, not the profile's plain Wide."""
+    wide = resolve("wide", "smoke", overrides=overrides).model
+    dense = resolve("dense_iso_param", "smoke", overrides=overrides).model
+    one_neuron = 2 * dense.d_model * dense.n_layers  # d_ff is whole neurons: the closest total is this near
+    assert abs(count_parameters(dense)["total"] - count_parameters(wide)["total"]) <= one_neuron / 2
+    assert resolve("dense_iso_flop", "smoke", overrides=overrides).model.d_ff == wide.active_neurons
+    top4 = {**overrides, "model": {**overrides.get("model", {}), "top_k": 4}}  # a Wide setting: the baseline follows
+    assert resolve("dense_iso_flop", "smoke", overrides=top4).model.d_ff == 4
+
+
 def test_expert_permutation_relabels_the_routing():
     model = build("path_b4")
     n = model.cfg.n_experts

@@ -435,6 +435,22 @@ def test_profile_and_variant_entries_are_checked():
         assert err.value.key == key
 
 
+def test_resolve_rejects_a_misspelt_section_of_a_variant(monkeypatch):
+    """A variant whose `model` section is misspelt would otherwise train the defaults (Wide) under its name."""
+    bad = {**variants(), "deep": {"description": "Deep", "modle": {"hops": [3]}}}
+    monkeypatch.setattr("moe_core.variants.variants", lambda: bad)
+    with pytest.raises(ConfigError) as err:
+        resolve("deep", "tiny")
+    assert err.value.key == "variant deep.modle" and "valid keys: description, model, train, data" in str(err.value)
+
+
+def test_eval_rejects_a_cache_dir_that_is_a_file_before_any_work(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.write_text("")
+    assert main(["eval", "no/such/run", "--cache-dir", str(cache)]) == 2
+    assert "invalid --cache-dir" in capsys.readouterr().err and cache.read_text() == ""
+
+
 def test_direct_configs_are_type_checked_too():
     cfg = resolve("wide", "tiny")
     with pytest.raises(ConfigError, match="train.steps"):

@@ -81,6 +81,31 @@ def test_finished_run_is_not_retrained(tmp_path, cache, monkeypatch):
     assert again["cached"] is True and again["val_loss"] == first["val_loss"]
 
 
+def test_throughput_counts_training_steps_only(tmp_path, cache, monkeypatch):
+    """With a clock that advances one second per training step and never otherwise, the logged tokens/s is
+    exactly tokens_per_step and train_seconds the step count, though evals and checkpoints fall between logs."""
+    import types
+
+    from moe_core import train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    step = Trainer.train_step
+
+    def one_second_step(self, s):
+        out = step(self, s)
+        clock[0] += 1.0
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", one_second_step)
+    cfg = resolve("wide", "tiny", 5, {"train": {"steps": 400, "eval_every": 15, "checkpoint_every": 7}})
+    result = train(cfg, tmp_path, cache, progress=False)  # logs every 2 steps; evals at 15, 45, ...
+    logged = [json.loads(line) for line in (tmp_path / result["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["tokens_per_s"] for r in logged if "tokens_per_s" in r}
+    assert set(rates.values()) == {cfg.train.tokens_per_step} and len(rates) == 200
+    assert result["train_seconds"] == 400.0
+
+
 def test_learning_rate_schedule():
     t = resolve("wide", "paper").train
     assert lr_at(0, t) == pytest.approx(3e-7)
