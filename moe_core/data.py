@@ -269,7 +269,8 @@ def prepare_data(corpus: str, vocab_size: int, cache_dir: str | Path) -> TokenDa
 # -------------------------------------------------------------------------- batches
 
 def _windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """View of the non-overlapping windows: row i is tokens[i*seq_len : i*seq_len + seq_len + 1]."""
+    """View of the windows: row i is tokens[i*seq_len : i*seq_len + seq_len + 1] (consecutive rows share one token,
+    the last target of one being the first input of the next)."""
     if tokens.dim() != 1 or seq_len < 1:
         raise ValueError(
             f"need a 1-D token stream and seq_len >= 1; got shape {tuple(tokens.shape)}, seq_len={seq_len}"
@@ -292,9 +293,10 @@ def _epoch_order(n_windows: int, seed: int, epoch: int) -> list[int]:
 
 
 class TrainStream:
-    """Deterministic training batches: the batch at (step, micro) is a pure function of (tokens, seq_len, batch_size, seed).
+    """Deterministic training batches: the batch at (step, micro) is a pure function of (tokens, seq_len, batch_size,
+    accum_steps, seed).
 
-    The train stream is cut into non-overlapping windows of seq_len+1 tokens. Row `row` of
+    The train stream is cut into windows of seq_len+1 tokens, each seq_len after the one before. Row `row` of
     (step, micro) is sequence g = (step*accum_steps + micro)*batch_size + row, which is
     entry g % n_windows of epoch g // n_windows's window permutation, seeded by a stable
     hash of (seed, epoch). Resuming at any step reproduces the same batches, and every

@@ -22,7 +22,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on CUDA ('auto' or 'bf16'); plain fp32 elsewhere (bf16 is very slow on CPUs)."""
+    """bf16 autocast on CUDA ('auto' or 'bf16'); fp32 on other devices unless bf16 is asked for explicitly
+    ('auto' stays fp32 there: bf16 is very slow on CPUs without bf16 instructions)."""
     if device.type == "cuda" and precision in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if precision == "bf16":
@@ -36,20 +37,29 @@ def matmul_dtype(device: torch.device, precision: str) -> torch.dtype:
         return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def inference(model: MoETransformer):
+    """Eval mode without autograd for the duration; the caller's train/eval mode is restored, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model: MoETransformer, batches, device: torch.device, precision: str = "auto",
              iv: Interventions | None = None) -> dict:
     """Mean cross-entropy of each batch, their mean, perplexity, and mean hops executed."""
-    was_training = model.training
-    model.eval()
     losses, hops = [], []
-    for x, y in batches:
-        with autocast_for(device, precision):
-            out = model(x.to(device), y.to(device), iv)
-        losses.append(out.loss.item())
-        if out.hops is not None:
-            hops.append(out.hops.float().mean(dim=(1, 2)))  # per layer
-    model.train(was_training)
+    with inference(model):
+        for x, y in batches:
+            with autocast_for(device, precision):
+                out = model(x.to(device), y.to(device), iv)
+            losses.append(out.loss.item())
+            if out.hops is not None:
+                hops.append(out.hops.float().mean(dim=(1, 2)))  # per layer
     loss = sum(losses) / len(losses)
     result = {"val_loss": loss, "val_ppl": math.exp(loss), "batch_losses": losses}
     if hops:
@@ -59,15 +69,11 @@ def evaluate(model: MoETransformer, batches, device: torch.device, precision: st
     return result
 
 
-@torch.no_grad()
 def routing_telemetry(model: MoETransformer, tokens: torch.Tensor, device: torch.device,
                       precision: str = "auto") -> dict[str, torch.Tensor]:
     """Selected expert ids for every (layer, hop) on a fixed batch of sequences [S, T]."""
-    was_training = model.training
-    model.eval()
-    with autocast_for(device, precision):
+    with inference(model), autocast_for(device, precision):
         out = model(tokens.to(device))
-    model.train(was_training)
     record = {"tokens": tokens.cpu()}
     for event in out.events:
         record[f"ids.layer{event.layer}.hop{event.hop}"] = event.routing.idx.to(torch.int32).cpu()

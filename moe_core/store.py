@@ -11,8 +11,9 @@
         telemetry.safetensors  expert ids per layer and hop on a fixed validation slice
         results.json         written last: its presence means the run finished
 
-Everything is written to a temporary file and renamed into place, so a crash never leaves a
-half-written file under a final name; what a killed writer does leave (temporary files, a
+Every file but the training log is written to a temporary file and renamed into place, so a crash
+never leaves a half-written file under a final name (metrics.jsonl is appended to, and a resumed run
+cuts it back to its checkpoint's step); what a killed writer does leave (temporary files, a
 checkpoint's tensors without its JSON) is removed by `clean_partial`. A checkpoint's sha256
 covers its tensors and its JSON state, so damage to either is detected. Tensors go through
 safetensors, state through JSON: loading a run never unpickles anything.

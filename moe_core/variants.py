@@ -62,8 +62,13 @@ def _symbol(value, scale: dict, key: str):
     return base // int(n)
 
 
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
 def _section(values: dict, scale: dict, where: str) -> dict:
-    return {k: _symbol(v, scale, f"{where}.{k}") for k, v in values.items()}
+    """Scale symbols replaced in one section; string fields keep their text (a corpus named "E" stays "E")."""
+    text = {f.name for f in dataclasses.fields(SECTIONS[where]) if f.type == "str"}
+    return {k: v if k in text else _symbol(v, scale, f"{where}.{k}") for k, v in values.items()}
 
 
 def resolve(variant: str, profile: str, seed: int = 42, overrides: dict | None = None) -> RunConfig:

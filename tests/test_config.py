@@ -120,3 +120,19 @@ def test_every_data_file_of_the_package_is_installed():
     data = {p.relative_to(package) for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
     assert data, "no data files found"
     assert {p for p in data if not any(p.match(g) and len(p.parts) == len(Path(g).parts) for g in globs)} == set()
+
+
+def test_scale_symbols_are_not_substituted_into_text_fields():
+    """'E' is a scale symbol (experts per layer), but a corpus named E must be reported as E, not as a number."""
+    with pytest.raises(ConfigError, match="invalid data.corpus='E': unknown corpus"):
+        resolve("wide", "smoke", overrides={"data": {"corpus": "E"}})
+    assert resolve("indep", "smoke").model.n_experts == profiles()["smoke"]["scale"]["E"]  # numbers still are
+
+
+def test_k_tau_cells_take_a_number_or_learned():
+    from moe_core.experiments import k_tau_spec
+
+    assert k_tau_spec(24, 15).overrides["model"] == {"top_k": 24, "tau": 15.0, "learn_tau": False}
+    assert k_tau_spec(24, "learned").overrides["model"]["learn_tau"]
+    with pytest.raises(ValueError, match="tau='learnt': give a number or 'learned'"):
+        k_tau_spec(12, "learnt")

@@ -167,6 +167,8 @@ def test_halting_sweep_counts_per_layer_hop_slots():
 def test_halting_sweep_rejects_non_positive_eps():
     with pytest.raises(ValueError, match="> 0"):
         halting_sweep(build("deep"), BATCHES, CPU, eps=(0.0, 0.1))
+    with pytest.raises(ValueError, match="> 0"):
+        halting_sweep(build("deep"), BATCHES, CPU, eps=(float("nan"),))
 
 
 def test_cost_at_saving_interpolates_between_sweep_rows():

@@ -314,3 +314,23 @@ def test_rope_scores_depend_only_on_relative_position():
     scores = [rotated(q, m) @ rotated(k, m - 3) for m in (3, 10, 31)]
     torch.testing.assert_close(torch.stack(scores), scores[0].expand(3), rtol=1e-5, atol=1e-5)  # fp32 angle tables
     assert torch.allclose(rotated(q, 5).norm(), q.norm())  # a rotation
+
+
+def test_ambiguity_options_change_what_they_name():
+    """The paper-ambiguity switches no shipped variant uses still do what they say."""
+    per_layer = build("magnitude", magnitude_scope="layer")
+    assert per_layer.alpha.shape == (per_layer.cfg.n_layers,) and build("magnitude").alpha.shape == (1,)
+    with torch.no_grad():
+        per_layer.alpha[1:] = 0.0  # only the first layer's MoE contributes now
+    zeroed_after_first = per_layer(TOKENS).logits
+    manual = build("magnitude", magnitude_scope="layer")
+    assert not torch.allclose(zeroed_after_first, manual(TOKENS).logits)
+
+    by_position = build("hash", hash_key="position")
+    ids = by_position(TOKENS).events[0].routing.idx  # [tokens, k]: the same position routes alike in every row
+    per_row = ids.reshape(TOKENS.shape[0], TOKENS.shape[1], -1)
+    assert torch.equal(per_row[0], per_row[1]) and not torch.equal(build("hash")(TOKENS).events[0].routing.idx, ids)
+
+    raw = build("wide", renormalize=False, top_k=2)(TOKENS).events[0].routing.weights  # softmax over all M, kept
+    renormalised = build("wide", top_k=2)(TOKENS).events[0].routing.weights
+    assert (raw.sum(-1) < 1).all() and torch.allclose(renormalised, raw / raw.sum(-1, keepdim=True))

@@ -262,6 +262,9 @@ def test_token_permutations():
         assert all(torch.equal(table[t], perm) for t in rows)
     assert all(torch.equal(t, perm.expand(10, -1)) for t, perm in zip(token_permutations(10, 3, 8, 1.0, seed=1), perms))
     assert all(torch.equal(t, identity.expand(10, -1)) for t in token_permutations(10, 3, 8, 0.0, seed=1))
+    for rho in (-0.1, 1.5, float("nan")):  # a slice would quietly turn -0.1 into 90% of the tokens
+        with pytest.raises(ValueError, match="must lie in"):
+            token_permutations(10, 3, 8, rho, seed=1)
 
 
 def random_set_jaccard(n, k):

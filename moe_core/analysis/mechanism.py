@@ -12,13 +12,11 @@ restore the caller's mode; token-level analyses run in fp32 on the model's devic
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import evaluate
+from ..evaluate import evaluate, inference
 from ..experts import RankExperts
 from ..model import ModelOutput, MoETransformer
 from ..trajectory import HopEvent, Interventions
@@ -32,20 +30,8 @@ def _require_moe(model: MoETransformer, what: str) -> None:
         raise ValueError(f"{what} needs an MoE model; this one has dense FFNs")
 
 
-@contextmanager
-def _inference(model: MoETransformer):
-    """Eval mode without autograd for the duration; the caller's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def _forward(model: MoETransformer, tokens: torch.Tensor, iv: Interventions) -> ModelOutput:
-    with _inference(model):
+    with inference(model):
         return model(tokens.to(model.embed.weight.device), iv=iv)
 
 
@@ -169,7 +155,7 @@ def halting_sweep(model: MoETransformer, batches, device: torch.device,
     eps 0.10 -> 2.25 hops, 25.0% saved, +0.12% ppl.
     """
     _require_moe(model, "halting_sweep")
-    if any(e <= 0 for e in eps):
+    if not all(e > 0 for e in eps):  # written so that a NaN fails too
         raise ValueError(f"halting thresholds must be > 0 (eps = 0 is the baseline row), got {eps}")
     scheduled = sum(model.cfg.hops_per_layer())
     rows = []

@@ -402,6 +402,8 @@ def token_permutations(n_tokens: int, n_layers: int, n_experts: int, rho: float,
     round(rho * n_tokens) positions, the same at every layer, get that layer's permutation from
     expert_permutations(seed); the other rows are the identity.
     """
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho={rho}: the share of tokens shuffled must lie in [0, 1]")
     chosen = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))[:round(rho * n_tokens)]
     tables = []
     for perm in expert_permutations(n_layers, n_experts, seed):
