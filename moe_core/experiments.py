@@ -43,7 +43,7 @@ def grid(variants, seeds) -> list[RunSpec]:
 def k_tau_spec(k: int, tau: float | str, seed: int = 42) -> RunSpec:
     """Wide with top-k = k and a fixed temperature tau, or tau = "learned" (starting from 30): one cell
     of the K x tau grid (paper Table 11)."""
-    if tau != "learned" and (isinstance(tau, (str, bool)) or not isinstance(tau, (int, float))):
+    if tau != "learned" and (isinstance(tau, bool) or not isinstance(tau, (int, float))):
         raise ValueError(f"tau={tau!r}: give a number or 'learned'")
     model = {"top_k": k, "tau": 30.0 if tau == "learned" else float(tau), "learn_tau": tau == "learned"}
     return RunSpec("wide", seed, {"model": model}, label=f"K={k}, tau={tau}")

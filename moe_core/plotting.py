@@ -42,3 +42,23 @@ def loss_curves(ax, logs: dict[str, pd.DataFrame], column: str = "loss", window:
     ax.set_ylabel({"loss": "training cross-entropy", "val_loss": "validation cross-entropy"}.get(column, column))
     ax.legend(fontsize="small", ncol=2)
     return ax
+
+
+def halting_figure(curves: dict[str, tuple[pd.DataFrame, str]], target_pct: float):
+    """The halting trade-off in two panels: (left) PPL change against MoE FLOPs saved, the target saving
+    marked; (right) mean hops executed against epsilon, on a log axis (eps = 0 left out). `curves` maps a
+    label to (a sweep table with columns eps, flop_saving_pct, delta_ppl_pct and mean_hops, a line format)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, (table, fmt) in curves.items():
+        left.plot(table.flop_saving_pct, table.delta_ppl_pct, fmt, label=label)
+        halted = table[table.eps > 0]
+        right.plot(halted.eps, halted.mean_hops, fmt, label=label)
+    left.axvline(target_pct, color="grey", lw=0.8)
+    left.set_xlabel("MoE FLOPs saved (%)")
+    left.set_ylabel("PPL change (%)")
+    left.legend()
+    right.set_xscale("log")
+    right.set_xlabel("epsilon")
+    right.set_ylabel("mean hops executed")
+    right.legend(loc="center right", fontsize="small")
+    return fig

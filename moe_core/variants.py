@@ -81,9 +81,9 @@ def resolve(variant: str, profile: str, seed: int = 42, overrides: dict | None =
     defaults = _load(HERE / "variants.yaml")["_defaults"]
     overrides = overrides or {}
     for name in overrides:
-        check_name("override section", name, ("model", "train", "data"))
+        check_name("override section", name, SECTIONS)
     sections = {}
-    for name in ("model", "train", "data"):
+    for name in SECTIONS:
         merged = {**prof.get(name, {}), **defaults.get(name, {}), **var.get(name, {}), **overrides.get(name, {})}
         sections[name] = merged
     scale = {**prof["scale"], "L": prof.get("model", {}).get("n_layers", ModelConfig.n_layers)}
@@ -100,12 +100,11 @@ def resolve(variant: str, profile: str, seed: int = 42, overrides: dict | None =
     model = build(ModelConfig, {**model_values, **{k: 1 for k in derived}}, "model")
     train = build(TrainConfig, sections["train"], "train")
     cfg = validate(RunConfig(model=model, train=train, data=data, seed=seed, variant=variant, profile=profile))
-    # the Wide model a derived width matches: at the same overrides, less the keys this variant sets itself
-    wide_overrides = {**overrides, "model": {k: v for k, v in overrides.get("model", {}).items()
-                                             if k not in var.get("model", {})}}
-    for key, what in derived.items():
-        width = _derive(what, cfg.model, resolve("wide", profile, seed, wide_overrides).model)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{key: width}))
+    if derived:  # matched to Wide at the same overrides, less the keys this variant sets itself
+        wide = resolve("wide", profile, seed, {**overrides, "model": {
+            k: v for k, v in overrides.get("model", {}).items() if k not in var.get("model", {})}}).model
+        widths = {key: _derive(what, cfg.model, wide) for key, what in derived.items()}
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **widths))
     return validate(cfg)
 
 
