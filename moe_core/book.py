@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,7 +28,9 @@ import yaml
 import moe_core
 
 from .config import ConfigError
+from .data import CORPORA
 from .store import atomic_write
+from .variants import profiles, variants
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS, PLANS = ROOT / "notebooks", ROOT / "book" / "plans"
@@ -61,14 +64,80 @@ def _same_type(value, default) -> bool:
     return isinstance(value, type(default))
 
 
+def _int_from(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _real_in(low: float, high: float = math.inf, open_low: bool = False):
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and (low < v if open_low else low <= v) and v <= high)
+
+
+def _k_tau(pair) -> bool:
+    return (isinstance(pair, (list, tuple)) and len(pair) == 2 and _int_from(1)(pair[0])
+            and (pair[1] == "learned" or _real_in(0.0, open_low=True)(pair[1])))
+
+
+_SEED, _COUNT = (_int_from(0), "a non-negative integer"), (_int_from(1), "a positive integer")
+_POSITIVE = (_real_in(0.0, open_low=True), "a finite number > 0")
+# Parameter name -> (test of its value, or of each element of a list, and what that must be). Names mean
+# the same in every notebook; a name not listed here is only type-checked.
+VALUE_RULES = {
+    **dict.fromkeys(("seed", "seeds", "control_seeds", "baseline_seeds", "cost_seeds"), _SEED),
+    **dict.fromkeys(("block", "blocks", "smoothing", "top_tokens", "top_paths", "n_sequences", "shuffle_draws",
+                     "robustness_batches"), _COUNT),
+    "n_resamples": (_int_from(100), "an integer >= 100 (a percentile interval needs resamples beyond its tails)"),
+    **dict.fromkeys(("eps", "noise_sigmas"), (_real_in(0.0), "a finite number >= 0")),
+    "token_fractions": (_real_in(0.0, 1.0), "a share of tokens in [0, 1]"),
+    **dict.fromkeys(("deltas", "primary_delta"), _POSITIVE),
+    "configs": (_k_tau, "a pair [top-k >= 1, tau > 0 or 'learned']"),
+}
+# Parameters that name things: name -> kind (the valid names are listed in the error).
+NAME_KINDS = {**dict.fromkeys(("variant", "static_variant", "variants", "cosine_variants", "controls",
+                               "core_variants", "baselines"), "variant"),
+              "profile": "profile", "corpus": "corpus", "chapters": "chapter"}
+NON_EMPTY = ("seeds", "cost_seeds", "variants", "cosine_variants", "core_variants", "configs", "eps", "deltas",
+             "blocks", "chapters")
+
+
+def _valid_names(kind: str) -> list[str]:
+    if kind == "chapter":
+        return sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb") if p.stem != "summary")
+    return list({"variant": variants, "profile": profiles, "corpus": lambda: CORPORA}[kind]())
+
+
+def _check_value(name: str, value, where: str) -> None:
+    """Range and name checks of one parameter (VALUE_RULES, NAME_KINDS, NON_EMPTY)."""
+    is_list = isinstance(value, (list, tuple))
+    items = list(value) if is_list else [value]
+    if name in NON_EMPTY and not items:
+        raise ConfigError(where, value, "must not be empty")
+    if name in NAME_KINDS:
+        valid = _valid_names(NAME_KINDS[name])
+        for item in items:
+            if item not in valid:
+                raise ConfigError(where, item, f"unknown {NAME_KINDS[name]}; valid: {', '.join(valid)}")
+    if name in VALUE_RULES:
+        test, what = VALUE_RULES[name]
+        for item in items:
+            if not test(item):
+                raise ConfigError(where, item, f"each value of {name} must be {what}" if is_list else f"must be {what}")
+
+
 def check_parameters(given: dict, declared: dict, notebook: str) -> None:
-    """Reject unknown or ill-typed parameters (papermill alone only warns)."""
+    """Reject unknown, ill-typed or out-of-range parameters before any work (papermill alone only warns)."""
     for name, value in given.items():
+        where = f"{notebook}.{name}"
         if name not in declared:
-            raise ConfigError(f"{notebook}.{name}", value, f"unknown parameter; valid: {', '.join(declared)}")
+            raise ConfigError(where, value, f"unknown parameter; valid: {', '.join(declared)}")
         if not _same_type(value, declared[name]):
-            raise ConfigError(f"{notebook}.{name}", value,
+            raise ConfigError(where, value,
                               f"must be of type {type(declared[name]).__name__} like the default {declared[name]!r}")
+        _check_value(name, value, where)
+    merged = {**declared, **given}
+    if "primary_delta" in merged and merged["primary_delta"] not in merged.get("deltas", []):
+        raise ConfigError(f"{notebook}.primary_delta", merged["primary_delta"],
+                          f"must be one of deltas {merged.get('deltas')}")
 
 
 @dataclass

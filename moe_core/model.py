@@ -159,6 +159,7 @@ class MoETransformer(nn.Module):
                 nn.init.normal_(linear.weight, std=0.02)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
+            # out's first draw above only advances the generator; dropping it would change every run's weights
             nn.init.normal_(block.attn.out.weight, std=residual_std)
             if isinstance(block.ffn, DenseFFN):
                 nn.init.normal_(block.ffn.down.weight, std=0.02)

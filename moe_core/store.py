@@ -53,13 +53,26 @@ def run_dir(cfg: RunConfig, root: str | Path) -> Path:
     return Path(root) / f"{cfg.variant}_{cfg.profile}_s{cfg.seed}_{digest}"
 
 
+def _fsync(path) -> None:
+    """Have the kernel write a closed file's data to disk (os.replace alone orders nothing)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file next to `path`, then rename it into place."""
+    """Call write(tmp_path) on a temporary file next to `path`, flush it to disk, then rename it into place.
+
+    A crash leaves either the old file or the whole new one, never a torn or empty file under `path`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; runs and caches are meant to be shared
         os.replace(tmp, path)
     finally:
@@ -71,8 +84,6 @@ def write_json(path: Path, obj) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
 
     atomic_write(path, write)
 

@@ -90,6 +90,35 @@ def test_plan_parameters_are_validated():
         book.load_plan("huge")
 
 
+def test_every_notebook_default_passes_the_value_rules():
+    for notebook in sorted(book.NOTEBOOKS.glob("*.ipynb")):
+        declared = book.declared_parameters(notebook)
+        book.check_parameters(declared, declared, notebook.stem)
+
+
+@pytest.mark.parametrize("notebook,given,message", [
+    ("pathmoe_paths", {"token_fractions": [0.1, 1.5]}, "token_fractions=1.5: each value of token_fractions must be a share"),
+    ("pathmoe_paths", {"noise_sigmas": [-0.1]}, "noise_sigmas=-0.1: each value of noise_sigmas must be a finite number >= 0"),
+    ("pathmoe_paths", {"shuffle_draws": 0}, "shuffle_draws=0: must be a positive integer"),
+    ("pathmoe_paths", {"cost_seeds": []}, r"cost_seeds=\[\]: must not be empty"),
+    ("pathmoe_paths", {"variants": ["indep", "indpe"]}, "variants='indpe': unknown variant; valid: wide, deep"),
+    ("pathmoe_paths", {"seed": -1}, "seed=-1: must be a non-negative integer"),
+    ("mech_halting", {"eps": [0.1, float("nan")]}, "eps=nan: each value of eps must be a finite number >= 0"),
+    ("mech_halting", {"static_variant": "static"}, "static_variant='static': unknown variant"),
+    ("exp_replication", {"corpus": "wiki"}, "corpus='wiki': unknown corpus; valid: wiki-vital,"),
+    ("exp_k_tau", {"configs": [[12, 30], [12, "fixed"]]}, r"configs=\[12, 'fixed'\]: each value of configs must be a pair"),
+    ("exp_k_tau", {"configs": [[0, 30]]}, r"configs=\[0, 30\]"),
+    ("tables_equivalence", {"n_resamples": 10}, "n_resamples=10: must be an integer >= 100"),
+    ("tables_equivalence", {"deltas": [0.02, 0.05]}, r"primary_delta=0.03: must be one of deltas \[0.02, 0.05\]"),
+    ("summary", {"chapters": ["table3", "table4"]}, "chapters='table4': unknown chapter; valid: exp_convergence"),
+    ("table3", {"profile": "huge"}, "profile='huge': unknown profile; valid: paper, smoke, tiny"),
+])
+def test_out_of_range_parameters_are_rejected_with_the_valid_choices(notebook, given, message):
+    declared = book.declared_parameters(book.NOTEBOOKS / f"{notebook}.ipynb")
+    with pytest.raises(ConfigError, match=f"invalid {notebook}.{message}"):
+        book.check_parameters(given, declared, notebook)
+
+
 def test_injected_unknown_parameter_is_rejected_inside_the_notebook():
     namespace = {"profile": "smoke", "seeds": [42], "sedes": [1]}
     with pytest.raises(ConfigError, match="exp_convergence.sedes"):

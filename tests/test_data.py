@@ -215,6 +215,18 @@ def test_cache_writes_are_atomic(wiki, cache, tmp_path):
     assert list((tmp_path / "sub").iterdir()) == []
 
 
+def test_atomic_write_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    import moe_core.store as store
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(store.os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), real_fsync(fd)))
+    monkeypatch.setattr(store.os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b)))
+    atomic_write(tmp_path / "x.bin", lambda tmp: Path(tmp).write_bytes(b"12345"))
+    assert events == [("fsync", 5), ("replace", "x.bin")]
+    assert (tmp_path / "x.bin").read_bytes() == b"12345"
+
+
 # -------------------------------------------------------------------------- batches
 
 L, B = 8, 4

@@ -32,7 +32,7 @@ def entropy_bits(counts) -> float:
     return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def expert_loads(run: str | Path, n_experts: int) -> dict[tuple[int, int], np.ndarray]:
+def run_expert_loads(run: str | Path, n_experts: int) -> dict[tuple[int, int], np.ndarray]:
     """(layer, hop) -> share of selections each of the M experts received on the telemetry slice."""
     telemetry = load_file(Path(run) / "telemetry.safetensors")
     return {tuple(int(part.removeprefix("layer").removeprefix("hop")) for part in key.split(".")[1:]):
@@ -61,4 +61,4 @@ def load_statistics(share, n_experts: int) -> dict:
 def run_load_statistics(run: str | Path, n_experts: int) -> list[dict]:
     """load_statistics for every (layer, hop) of a run, as rows."""
     return [{"layer": layer, "hop": hop, **load_statistics(share, n_experts)}
-            for (layer, hop), share in sorted(expert_loads(run, n_experts).items())]
+            for (layer, hop), share in sorted(run_expert_loads(run, n_experts).items())]
