@@ -242,8 +242,9 @@ def main(argv=None) -> dict:
     try:  # every name and value, before the first timing
         require_device("--device", args.device)
         probe, probe_ffn, *_ = (resolve(v, args.profile, 42, args.overrides) for v in ("wide", "indep", *args.variants))
-    except ConfigError as e:
-        raise SystemExit(f"benchmarks/run.py: {e}") from None
+    except ConfigError as e:  # exit status 2, as the moe_core command line
+        print(f"benchmarks/run.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     device = resolve_device(args.device)
     threads = probe.train.threads if args.threads is None else args.threads
     if threads:  # the thread count the profile trains with (smoke: 1, one run per core)

@@ -60,8 +60,12 @@ def run_overrides(args) -> dict:
 
 
 def add_settings(overrides: dict, settings) -> dict:
-    """overrides with every parsed `--set` (section, key, value) added, later ones winning."""
+    """overrides with every parsed `--set` (section, key, value) added; a key given twice is an error."""
+    seen = {}
     for section, key, value in settings:
+        if (section, key) in seen:
+            raise ConfigError(f"--set {section}.{key}", value, f"given twice (first as {seen[section, key]!r}); keep one")
+        seen[section, key] = value
         overrides.setdefault(section, {})[key] = value
     return overrides
 
@@ -91,7 +95,10 @@ def cmd_sweep(args) -> dict | None:
     from .train import train
 
     index, count = args.shard
-    pairs = [(v, s) for v in args.variant for s in args.seed][index::count]
+    everything = [(v, s) for v in dict.fromkeys(args.variant) for s in dict.fromkeys(args.seed)]  # no repeats
+    pairs = everything[index::count]
+    if not pairs:
+        print(f"sweep: shard {index}/{count} holds none of the {len(everything)} runs", file=sys.stderr)
     configs = [resolve(v, args.profile, s, run_overrides(args)) for v, s in pairs]  # all validated first
     options = train_options(args)
     results = [train(cfg, **options) for cfg in configs]
@@ -111,13 +118,30 @@ def cmd_eval(args) -> dict:
         raise ConfigError("--halt-eps", args.halt_eps, "must be a finite number >= 0")
     require_device("--device", args.device)
     require_directories({"--cache-dir": args.cache_dir})
+    if not run.is_dir():
+        raise ConfigError("run_dir", str(run), "is not a directory" if run.exists() else "does not exist")
     if not (run / "final.safetensors").exists():
         raise ConfigError("run_dir", str(run), "holds no finished run (no final.safetensors)")
     model, cfg, batches = load_run_dir(run, args.device, args.cache_dir)
+    check_interventions(args, cfg.model)
     iv = Interventions(halt_eps=args.halt_eps, freeze_routing=args.freeze_routing, zero_moe=args.zero_moe)
     result = evaluate(model, batches, next(model.parameters()).device, cfg.train.precision, iv)
     result.pop("batch_losses")
-    return {"run_dir": str(run), "variant": cfg.variant, "seed": cfg.seed, **vars(iv), **result}
+    return {"run_dir": str(run), "variant": cfg.variant, "seed": cfg.seed, "halt_eps": iv.halt_eps,
+            "freeze_routing": iv.freeze_routing, "zero_moe": iv.zero_moe, **result}
+
+
+def check_interventions(args, model) -> None:
+    """A dense model has nothing to intervene on (an error); on one hop per layer, halting and frozen routing
+    change nothing (a note, so that a loop over variants still runs)."""
+    asked = [flag for flag, on in (("--halt-eps", args.halt_eps > 0), ("--freeze-routing", args.freeze_routing),
+                                   ("--zero-moe", args.zero_moe)) if on]
+    if model.ffn == "dense" and asked:
+        raise ConfigError(asked[0], True if asked[0] != "--halt-eps" else args.halt_eps,
+                          "this run is a dense model, with no MoE layer to act on")
+    multi_hop = [flag for flag in asked if flag != "--zero-moe"]
+    if multi_hop and max(model.hops_per_layer()) == 1:
+        print(f"eval: {' and '.join(multi_hop)} change nothing on a model with one hop per layer", file=sys.stderr)
 
 
 def cmd_book(args) -> dict:
@@ -154,8 +178,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="override the profile's number of steps")
     p.add_argument("--corpus", help="override the profile's corpus")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--run-root", type=Path, help="where run directories live (default ./runs)")
-    p.add_argument("--cache-dir", type=Path, help="tokenizer/token cache (default ./.cache/moe_core)")
+    p.add_argument("--run-root", type=Path, help="where run directories live (default $MOE_CORE_RUNS, else ./runs)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="tokenizer/token cache (default $MOE_CORE_CACHE, else ./.cache/moe_core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", type=setting, action="append", metavar="SECTION.KEY=VALUE",
                    help="override any config key (repeatable), e.g. --set train.eval_batches=16; "
@@ -163,31 +188,31 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m moe_core", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m moe_core", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="print the variants, profiles and corpora")
+    sub.add_parser("list", help="print the variants, profiles and corpora", allow_abbrev=False)
     for name, help_ in (("params", "parameter counts of a variant at a profile"),
                         ("train", "train a run, or return the stored results of a finished one")):
-        s = sub.add_parser(name, help=help_)
+        s = sub.add_parser(name, help=help_, allow_abbrev=False)
         s.add_argument("--variant", required=True)
         s.add_argument("--profile", required=True)
     train = sub.choices["train"]
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--seed", type=int, default=42, help="(default 42)")
     add_run_flags(train)
-    sweep = sub.add_parser("sweep", help="train one machine's slice (--shard I/N) of variants x seeds")
+    sweep = sub.add_parser("sweep", help="train one machine's slice (--shard I/N) of variants x seeds", allow_abbrev=False)
     sweep.add_argument("--variant", nargs="+", required=True)
     sweep.add_argument("--profile", required=True)
-    sweep.add_argument("--seed", type=int, nargs="+", default=[42])
+    sweep.add_argument("--seed", type=int, nargs="+", default=[42], help="(default 42)")
     sweep.add_argument("--shard", type=shard, default=(0, 1), help="I/N: train runs j with j %% N == I (default 0/1)")
     add_run_flags(sweep)
-    ev = sub.add_parser("eval", help="re-evaluate a finished run on its validation batches")
+    ev = sub.add_parser("eval", help="re-evaluate a finished run on its validation batches", allow_abbrev=False)
     ev.add_argument("run_dir")
     ev.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--cache-dir", type=Path)
     ev.add_argument("--halt-eps", type=float, default=0.0, help="relative-norm halting threshold")
     ev.add_argument("--freeze-routing", action="store_true", help="reuse the hop-0 routing at every hop")
     ev.add_argument("--zero-moe", action="store_true", help="set every MoE output to zero")
-    book = sub.add_parser("book", help="execute the book's notebooks for a profile and build the HTML")
+    book = sub.add_parser("book", help="execute the book's notebooks for a profile and build the HTML", allow_abbrev=False)
     book.add_argument("--profile", default="smoke")
     book.add_argument("--no-html", action="store_true", help="execute the notebooks only")
     return p

@@ -13,11 +13,13 @@ picks: unset, build and fall back on failure; "0", off; "1", required (a failed 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import shutil
 import sys
 import sysconfig
+import time
 import warnings
 from pathlib import Path
 
@@ -26,10 +28,13 @@ import torch
 from .config import ConfigError
 
 ENV_SWITCH = "MOE_CORE_CPU_KERNELS"
-# one build per torch version: torch's extension cache does not notice a torch upgrade, and a library
-# built against another torch fails to load
-_NAME = "moe_core_cpu_kernels_" + re.sub(r"\W", "_", torch.__version__)
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("topk.cpp", "cross_entropy.cpp")]
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("topk.cpp", "cross_entropy.cpp")]
+# One build per torch version (torch's extension cache does not notice a torch upgrade, and a library built
+# against another torch fails to load) and per checkout: ninja rebuilds when the sources' path changes, so
+# two checkouts sharing one build folder would rebuild each other's library at every switch.
+_NAME = (f"moe_core_cpu_kernels_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_"
+         f"{hashlib.sha1(str(_CSRC).encode()).hexdigest()[:8]}")
 # -fno-trapping-math lets float selects vectorise; -fopenmp-simd reads the sources' `omp simd` loops
 _FLAGS = ["-O3", "-fno-trapping-math", "-fopenmp-simd"]
 
@@ -53,11 +58,15 @@ def _loaded() -> bool:
     try:
         from torch.utils import cpp_extension
         _put_ninja_on_path()
-        if not _is_built(cpp_extension):
+        announced, started = not _is_built(cpp_extension), time.perf_counter()
+        if announced:
             print(f"moe_core: compiling the CPU kernels ({', '.join(s.name for s in _SOURCES)}); once, about 15 s ...",
                   file=sys.stderr, flush=True)
         cpp_extension.load(name=_NAME, sources=[str(s) for s in _SOURCES], extra_cflags=_FLAGS,
                            is_python_module=False, verbose=False)
+        if not announced and time.perf_counter() - started > 2.0:  # a cached build whose sources changed
+            print(f"moe_core: rebuilt the CPU kernels in {time.perf_counter() - started:.0f} s (their sources changed)",
+                  file=sys.stderr, flush=True)
     except Exception as err:  # any build failure: the torch fallback is correct, only slower
         if switch == "1":
             raise RuntimeError(f"{ENV_SWITCH}=1 but the CPU kernels did not build") from err

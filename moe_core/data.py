@@ -198,8 +198,8 @@ def _cache_key(corpus: str, vocab_size: int) -> str:
 
 def _train_tokenizer(corpus: str, vocab_size: int) -> Tokenizer:
     """Byte-level BPE (GPT-2 style, no prefix space) trained on the train split only."""
+    texts = load_texts(corpus, "train")  # first: a corpus that cannot load fails before the message
     print(f"data: training a {vocab_size}-token BPE on {corpus}/train", file=sys.stderr, flush=True)
-    texts = load_texts(corpus, "train")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

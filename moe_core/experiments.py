@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a static book cannot show widgets
 
 from . import store
 from .config import RunConfig

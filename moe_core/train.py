@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a static book cannot show widgets
 
-from . import store
+from . import cpu_kernels, store
 from .config import ConfigError, RunConfig, TrainConfig, validate
 from .data import TrainStream, prepare_data, val_batches
 from .evaluate import autocast_for, evaluate, matmul_dtype, resolve_device, routing_telemetry
@@ -248,6 +248,7 @@ class Trainer:
         self.device = pick_device(t.device, world)
         if self.device.type == "cpu":
             keep_freed_memory()
+            cpu_kernels.available()  # a first build (seconds) happens here, not in the first timed step
         self.data = self.load_data(cache_dir)
         self.stream = TrainStream(self.data.train, t.seq_len, t.batch_size, cfg.seed, t.accum_steps)
         self.val = self.validation_slice("train.eval_batches", t.eval_batch_size, t.eval_batches)
@@ -331,6 +332,12 @@ class Trainer:
             metrics = self.run / "metrics.jsonl"
             state = {"train_seconds": self.train_seconds, "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
             store.save_checkpoint(self.run, step, self.model, self.optimizer, state)
+            self.write_running_status(step)
+
+    def write_running_status(self, step: int) -> None:
+        """status.json while training: who trains the run and the step of its newest checkpoint."""
+        store.write_status(self.run, "running", step=step, host=socket.gethostname(), pid=os.getpid(),
+                           world_size=self.world.size)
 
     def shard(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's share of the global batch of `step` (the single-process batch): micro-batches
@@ -383,12 +390,12 @@ class Trainer:
             store.write_json(self.run / "config.json", {"config": cfg.to_dict(), "versions": store.code_versions()})
         start = self.resume()
         if main:
-            store.write_status(self.run, "running", step=start, host=socket.gethostname(), pid=os.getpid(),
-                               world_size=self.world.size)
+            self.write_running_status(start)
         self.model.train()
         log_every = max(1, t.steps // 200)
+        name = f"{cfg.variant}/{cfg.profile}/s{cfg.seed}"
         bar = tqdm(total=t.steps, initial=start, disable=not (self.progress and main), unit="step", file=sys.stderr,
-                   desc=f"{cfg.variant}/{cfg.profile}/s{cfg.seed}", dynamic_ncols=True, mininterval=1.0)
+                   desc=name, dynamic_ncols=True, mininterval=1.0)
         # step_seconds: time spent in training steps since the last log line; evals and checkpoints are left out
         tokens_done, step_seconds, tick = 0, 0.0, time.perf_counter()
         try:
@@ -421,7 +428,7 @@ class Trainer:
                     if main:
                         result = evaluate(self.model, self.val, self.device, t.precision)
                         self.log({"step": done, "val_loss": result["val_loss"], "val_ppl": result["val_ppl"]})
-                        bar.write(f"step {done}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
+                        bar.write(f"{name} step {done}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
                     tick = time.perf_counter()
                 if done % t.checkpoint_every == 0 or done == t.steps:  # the last one covers finish()
                     step_seconds += time.perf_counter() - tick

@@ -152,6 +152,8 @@ def test_benchmark_rejects_bad_input_before_timing(argv, message, capsys):
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from run import main
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as stop:
         main(["--device", "cpu", *argv])
-    assert "matmul peak" not in capsys.readouterr().out  # stopped before the first measurement
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and message in err  # the moe_core command line's status for bad input
+    assert "matmul peak" not in out  # stopped before the first measurement

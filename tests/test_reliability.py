@@ -267,6 +267,23 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
         train(CFG, tmp_path, cache, progress=False)
 
 
+def test_an_interrupted_run_status_names_its_newest_checkpoint(tmp_path, cache, monkeypatch):
+    real_step = Trainer.train_step
+
+    def interrupted(self, step):
+        if step == 9:
+            raise KeyboardInterrupt  # as a Ctrl-C or a killed process between checkpoints
+        return real_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(CFG, tmp_path, cache, progress=False)
+    run = store.run_dir(CFG, tmp_path)
+    status = store.read_status(run)
+    assert status["state"] == "running" and status["step"] == 8 == store.checkpoint_steps(run)[-1]
+    assert status["pid"] == os.getpid()
+
+
 # ------------------------------------------------------------------ strict inputs
 
 VARIANTS = ["wide", "deep", "hash", "linear", "indep", "recurrent", "dense_iso_flop"]
@@ -383,7 +400,9 @@ def test_fuzzed_accepted_configs_build_and_train_a_step(model, variant):
     (["train", "--variant", "wide", "--profile", "tiny", "--seed", "-1"], "seed"),
     (["train", "--variant", "wide", "--profile", "tiny", "--steps", "0"], "train.steps"),
     (["sweep", "--variant", "wide", "widest", "--profile", "tiny"], "valid variants:"),
-    (["eval", "no/such/run"], "holds no finished run"),
+    (["eval", "no/such/run"], "run_dir='no/such/run': does not exist"),
+    (["train", "--variant", "wide", "--profile", "tiny", "--set", "train.lr=1e-3", "--set", "train.lr=2e-3"],
+     "--set train.lr=0.002: given twice (first as 0.001)"),
     (["eval", "no/such/run", "--halt-eps", "-0.1"], "--halt-eps"),
     (["eval", "no/such/run", "--halt-eps", "nan"], "--halt-eps"),
 ])
@@ -414,6 +433,7 @@ def test_cuda_is_rejected_where_there_is_none(tmp_path, capsys):
     (["sweep", "--variant", "wide", "--profile", "tiny", "--shard", "4/4"], "--shard: invalid shard '4/4'"),
     (["train", "--variant", "wide", "--profile", "tiny", "--device", "gpu"], "--device: invalid choice: 'gpu'"),
     (["eval", "x", "--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    (["eval", "x", "--freeze"], "unrecognized arguments: --freeze"),  # no abbreviations of flags
 ])
 def test_cli_rejects_ill_typed_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -447,7 +467,7 @@ def test_resolve_rejects_a_misspelt_section_of_a_variant(monkeypatch):
 def test_eval_rejects_a_cache_dir_that_is_a_file_before_any_work(tmp_path, capsys):
     cache = tmp_path / "cache"
     cache.write_text("")
-    assert main(["eval", "no/such/run", "--cache-dir", str(cache)]) == 2
+    assert main(["eval", str(tmp_path), "--cache-dir", str(cache)]) == 2
     assert "invalid --cache-dir" in capsys.readouterr().err and cache.read_text() == ""
 
 

@@ -269,13 +269,21 @@ def test_cuda_bf16_training(tmp_path, cache):
 def test_sweep_trains_only_its_shard(tmp_path, cache, capsys):
     from moe_core.__main__ import main
 
-    argv = ["sweep", "--variant", "hash", "dense_iso_flop", "--profile", "tiny", "--seed", "1", "2", "--shard", "1/2",
-            "--steps", "2", "--run-root", str(tmp_path), "--cache-dir", str(cache), "--no-progress"]
-    assert main(argv) == 0
+    argv = ["sweep", "--variant", "hash", "dense_iso_flop", "hash", "--profile", "tiny", "--seed", "1", "2", "2",
+            "--shard", "1/2", "--steps", "2", "--run-root", str(tmp_path), "--cache-dir", str(cache), "--no-progress"]
+    assert main(argv) == 0  # repeated names and seeds count once: 4 runs, of which this shard trains 2
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["shard"] == "1/2"
     assert [(r["variant"], r["seed"]) for r in result["runs"]] == [("hash", 2), ("dense_iso_flop", 2)]
     assert sorted(p.name.split("_s")[0] for p in tmp_path.iterdir()) == ["dense_iso_flop_tiny", "hash_tiny"]
+    assert main([a if a != "1/2" else "5/6" for a in argv]) == 0
+    assert "sweep: shard 5/6 holds none of the 4 runs" in capsys.readouterr().err
+
+    hash_run, dense_run = (r["run_dir"] for r in result["runs"])  # interventions a model cannot take
+    assert main(["eval", dense_run, "--zero-moe", "--cache-dir", str(cache)]) == 2
+    assert "invalid --zero-moe=True: this run is a dense model" in capsys.readouterr().err
+    assert main(["eval", hash_run, "--halt-eps", "0.1", "--cache-dir", str(cache)]) == 0
+    assert "--halt-eps change nothing on a model with one hop per layer" in capsys.readouterr().err
 
 
 def test_freed_memory_is_reused_without_page_faults():
