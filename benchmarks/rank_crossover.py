@@ -39,7 +39,7 @@ def fwd_bwd_ms(bank: RankExperts, backend: str, n_tokens: int, k: int, repeats: 
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--top-k", type=int, nargs="+", default=[1, 4, 12])

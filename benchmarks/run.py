@@ -206,7 +206,7 @@ def bench_cross_entropy(args, device: torch.device, n_tokens: int, vocab: int) -
 # ------------------------------------------------------------------------ main
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--profile", default="smoke", help="profile whose shapes are timed (tiny, smoke, paper)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--variants", nargs="+", default=list(STEP_VARIANTS))
@@ -230,7 +230,10 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value is not None and value < least:
             parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
-    args.overrides = add_settings({}, args.set)
+    try:
+        args.overrides = add_settings({}, args.set)
+    except ConfigError as e:  # a key set twice
+        parser.error(str(e))
     for required in ("dense_iso_param", "wide", "deep"):
         if required not in args.variants:
             args.variants.append(required)

@@ -7,6 +7,7 @@ are rejected before any work, with exit status 2; a run that fails (a non-finite
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -46,25 +47,21 @@ def cmd_params(args) -> dict:
 
 
 def run_overrides(args) -> dict:
-    overrides: dict = {"train": {}, "data": {}}
-    if args.steps is not None:
-        overrides["train"]["steps"] = args.steps
-    if args.device is not None:
-        overrides["train"]["device"] = args.device
+    """The overrides of --steps, --device, --corpus and every --set, as {section: {key: value}}."""
+    flags = [("train", "steps", args.steps), ("train", "device", args.device), ("data", "corpus", args.corpus)]
     if args.corpus is not None:
         from .data import CORPORA
 
         check_name("corpus", args.corpus, CORPORA)
-        overrides["data"]["corpus"] = args.corpus
-    return add_settings(overrides, args.set or ())
+    return add_settings({}, [flag for flag in flags if flag[2] is not None] + list(args.set or ()))
 
 
 def add_settings(overrides: dict, settings) -> dict:
-    """overrides with every parsed `--set` (section, key, value) added; a key given twice is an error."""
+    """overrides with every (section, key, value) added; a key set twice (by --set or a flag) is an error."""
     seen = {}
     for section, key, value in settings:
         if (section, key) in seen:
-            raise ConfigError(f"--set {section}.{key}", value, f"given twice (first as {seen[section, key]!r}); keep one")
+            raise ConfigError(f"{section}.{key}", value, f"set twice (first to {seen[section, key]!r}); keep one")
         seen[section, key] = value
         overrides.setdefault(section, {})[key] = value
     return overrides
@@ -95,11 +92,13 @@ def cmd_sweep(args) -> dict | None:
     from .train import train
 
     index, count = args.shard
-    everything = [(v, s) for v in dict.fromkeys(args.variant) for s in dict.fromkeys(args.seed)]  # no repeats
-    pairs = everything[index::count]
-    if not pairs:
+    overrides = run_overrides(args)
+    # every run of every shard is resolved, so a bad name or value fails on each machine alike, before any work
+    everything = [resolve(v, args.profile, s, overrides) for v in dict.fromkeys(args.variant)
+                  for s in dict.fromkeys(args.seed)]  # dict.fromkeys: a name or seed given twice counts once
+    configs = everything[index::count]
+    if not configs:
         print(f"sweep: shard {index}/{count} holds none of the {len(everything)} runs", file=sys.stderr)
-    configs = [resolve(v, args.profile, s, run_overrides(args)) for v, s in pairs]  # all validated first
     options = train_options(args)
     results = [train(cfg, **options) for cfg in configs]
     keys = ("run_dir", "variant", "seed", "val_loss", "val_ppl", "cached")
@@ -110,6 +109,7 @@ def cmd_sweep(args) -> dict | None:
 def cmd_eval(args) -> dict:
     from .evaluate import evaluate
     from .experiments import load_run_dir
+    from .store import load_config
     from .train import require_device
     from .trajectory import Interventions
 
@@ -122,8 +122,8 @@ def cmd_eval(args) -> dict:
         raise ConfigError("run_dir", str(run), "is not a directory" if run.exists() else "does not exist")
     if not (run / "final.safetensors").exists():
         raise ConfigError("run_dir", str(run), "holds no finished run (no final.safetensors)")
+    check_interventions(args, run, load_config(run).model)
     model, cfg, batches = load_run_dir(run, args.device, args.cache_dir)
-    check_interventions(args, cfg.model)
     iv = Interventions(halt_eps=args.halt_eps, freeze_routing=args.freeze_routing, zero_moe=args.zero_moe)
     result = evaluate(model, batches, next(model.parameters()).device, cfg.train.precision, iv)
     result.pop("batch_losses")
@@ -131,17 +131,17 @@ def cmd_eval(args) -> dict:
             "freeze_routing": iv.freeze_routing, "zero_moe": iv.zero_moe, **result}
 
 
-def check_interventions(args, model) -> None:
+def check_interventions(args, run: Path, model) -> None:
     """A dense model has nothing to intervene on (an error); on one hop per layer, halting and frozen routing
     change nothing (a note, so that a loop over variants still runs)."""
     asked = [flag for flag, on in (("--halt-eps", args.halt_eps > 0), ("--freeze-routing", args.freeze_routing),
                                    ("--zero-moe", args.zero_moe)) if on]
     if model.ffn == "dense" and asked:
-        raise ConfigError(asked[0], True if asked[0] != "--halt-eps" else args.halt_eps,
-                          "this run is a dense model, with no MoE layer to act on")
+        raise ConfigError("run_dir", str(run), f"a dense model, with no MoE layer for {' and '.join(asked)} to act on")
     multi_hop = [flag for flag in asked if flag != "--zero-moe"]
     if multi_hop and max(model.hops_per_layer()) == 1:
-        print(f"eval: {' and '.join(multi_hop)} change nothing on a model with one hop per layer", file=sys.stderr)
+        verb = "changes" if len(multi_hop) == 1 else "change"
+        print(f"eval: {' and '.join(multi_hop)} {verb} nothing on a model with one hop per layer", file=sys.stderr)
 
 
 def cmd_book(args) -> dict:
@@ -188,31 +188,33 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line; no flag may be abbreviated (--freeze is not --freeze-routing)."""
     p = argparse.ArgumentParser(prog="python -m moe_core", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="print the variants, profiles and corpora", allow_abbrev=False)
+    command = functools.partial(sub.add_parser, allow_abbrev=False)
+    command("list", help="print the variants, profiles and corpora")
     for name, help_ in (("params", "parameter counts of a variant at a profile"),
                         ("train", "train a run, or return the stored results of a finished one")):
-        s = sub.add_parser(name, help=help_, allow_abbrev=False)
+        s = command(name, help=help_)
         s.add_argument("--variant", required=True)
         s.add_argument("--profile", required=True)
     train = sub.choices["train"]
     train.add_argument("--seed", type=int, default=42, help="(default 42)")
     add_run_flags(train)
-    sweep = sub.add_parser("sweep", help="train one machine's slice (--shard I/N) of variants x seeds", allow_abbrev=False)
+    sweep = command("sweep", help="train one machine's slice (--shard I/N) of variants x seeds")
     sweep.add_argument("--variant", nargs="+", required=True)
     sweep.add_argument("--profile", required=True)
     sweep.add_argument("--seed", type=int, nargs="+", default=[42], help="(default 42)")
     sweep.add_argument("--shard", type=shard, default=(0, 1), help="I/N: train runs j with j %% N == I (default 0/1)")
     add_run_flags(sweep)
-    ev = sub.add_parser("eval", help="re-evaluate a finished run on its validation batches", allow_abbrev=False)
+    ev = command("eval", help="re-evaluate a finished run on its validation batches")
     ev.add_argument("run_dir")
     ev.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--cache-dir", type=Path)
     ev.add_argument("--halt-eps", type=float, default=0.0, help="relative-norm halting threshold")
     ev.add_argument("--freeze-routing", action="store_true", help="reuse the hop-0 routing at every hop")
     ev.add_argument("--zero-moe", action="store_true", help="set every MoE output to zero")
-    book = sub.add_parser("book", help="execute the book's notebooks for a profile and build the HTML", allow_abbrev=False)
+    book = command("book", help="execute the book's notebooks for a profile and build the HTML")
     book.add_argument("--profile", default="smoke")
     book.add_argument("--no-html", action="store_true", help="execute the notebooks only")
     return p

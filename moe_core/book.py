@@ -65,15 +65,18 @@ def _same_type(value, default) -> bool:
 
 
 def _int_from(low: int):
+    """Test: an integer (not a bool) >= low."""
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
 def _real_in(low: float, high: float = math.inf, open_low: bool = False):
+    """Test: a finite real number in [low, high] (or (low, high] with open_low)."""
     return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                       and (low < v if open_low else low <= v) and v <= high)
 
 
 def _k_tau(pair) -> bool:
+    """Whether pair is one cell of the K x tau grid: [top-k >= 1, tau > 0 or "learned"]."""
     return (isinstance(pair, (list, tuple)) and len(pair) == 2 and _int_from(1)(pair[0])
             and (pair[1] == "learned" or _real_in(0.0, open_low=True)(pair[1])))
 
@@ -96,11 +99,39 @@ VALUE_RULES = {
 NAME_KINDS = {**dict.fromkeys(("variant", "static_variant", "variants", "cosine_variants", "controls",
                                "core_variants", "baselines"), "variant"),
               "profile": "profile", "corpus": "corpus", "chapters": "chapter"}
-NON_EMPTY = ("seeds", "cost_seeds", "variants", "cosine_variants", "core_variants", "configs", "eps", "deltas",
-             "blocks", "chapters")
+NON_EMPTY = ("seeds", "control_seeds", "baseline_seeds", "cost_seeds", "variants", "cosine_variants",
+             "core_variants", "configs", "eps", "deltas", "blocks", "chapters")
+
+
+def _includes(*names):
+    """Need: the list holds every one of names (the chapter's claims are about them)."""
+    return lambda value, params: set(names) <= set(value), f"must include {', '.join(map(str, names))}"
+
+
+# What one chapter reads by name or position, beyond the rules above: notebook -> [(parameter, test of its
+# value and of all the parameters, what it must be)].
+CHAPTER_NEEDS = {
+    "exp_replication": [("variants", *_includes("wide", "deep"))],
+    "fig_curves": [("cosine_variants", *_includes("wide", "deep")),
+                   ("controls", *_includes("dense_iso_flop", "dense_iso_param")),
+                   ("control_seeds", lambda value, params: value[0] in params["seeds"],
+                    "must start with one of seeds (the figures of every configuration show that seed)")],
+    "table3": [("cosine_variants", *_includes("wide")),
+               ("controls", *_includes("linear", "cosine_iso341", "hash", "random_fixed", "top1", "rank2",
+                                       "dense_iso_flop", "dense_iso_param"))],
+    "tables_equivalence": [("cosine_variants", *_includes("wide", "deep")),
+                           ("seeds", lambda value, params: len(value) >= 2, "must hold at least 2 seeds"),
+                           ("blocks", *_includes(1)),
+                           ("primary_delta", lambda value, params: value in params["deltas"], "must be one of deltas")],
+    "mech_experts": [("seeds", lambda value, params: len(value) >= 2, "must hold at least 2 seeds")],
+    "pathmoe_grid": [("core_variants", *_includes("indep", "indep_nolbl", "path_b4", "path_b4_lbl", "path_b2", "path_bL")),
+                     ("baselines", *_includes("lowrank", "monob4", "rand"))],
+    "pathmoe_paths": [("variants", *_includes("indep", "indep_nolbl", "path_b2", "path_b4", "path_bL"))],
+}
 
 
 def _valid_names(kind: str) -> list[str]:
+    """The names a parameter of this kind may take (variants, profiles, corpora, chapters)."""
     if kind == "chapter":
         return sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb") if p.stem != "summary")
     return list({"variant": variants, "profile": profiles, "corpus": lambda: CORPORA}[kind]())
@@ -134,10 +165,10 @@ def check_parameters(given: dict, declared: dict, notebook: str) -> None:
             raise ConfigError(where, value,
                               f"must be of type {type(declared[name]).__name__} like the default {declared[name]!r}")
         _check_value(name, value, where)
-    merged = {**declared, **given}
-    if "primary_delta" in merged and merged["primary_delta"] not in merged.get("deltas", []):
-        raise ConfigError(f"{notebook}.primary_delta", merged["primary_delta"],
-                          f"must be one of deltas {merged.get('deltas')}")
+    params = {**declared, **given}
+    for name, need, what in CHAPTER_NEEDS.get(notebook, []):
+        if not need(params[name], params):
+            raise ConfigError(f"{notebook}.{name}", params[name], what)
 
 
 @dataclass

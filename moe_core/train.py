@@ -335,7 +335,7 @@ class Trainer:
             self.write_running_status(step)
 
     def write_running_status(self, step: int) -> None:
-        """status.json while training: who trains the run and the step of its newest checkpoint."""
+        """status.json while training: who trains the run, and the step it resumed from or last checkpointed."""
         store.write_status(self.run, "running", step=step, host=socket.gethostname(), pid=os.getpid(),
                            world_size=self.world.size)
 

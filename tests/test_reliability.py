@@ -402,7 +402,10 @@ def test_fuzzed_accepted_configs_build_and_train_a_step(model, variant):
     (["sweep", "--variant", "wide", "widest", "--profile", "tiny"], "valid variants:"),
     (["eval", "no/such/run"], "run_dir='no/such/run': does not exist"),
     (["train", "--variant", "wide", "--profile", "tiny", "--set", "train.lr=1e-3", "--set", "train.lr=2e-3"],
-     "--set train.lr=0.002: given twice (first as 0.001)"),
+     "train.lr=0.002: set twice (first to 0.001)"),
+    (["sweep", "--variant", "wide", "--profile", "tiny", "--steps", "5", "--set", "train.steps=10"],
+     "train.steps=10: set twice (first to 5)"),
+    (["sweep", "--variant", "wide", "widest", "--profile", "tiny", "--shard", "0/2"], "variant='widest'"),
     (["eval", "no/such/run", "--halt-eps", "-0.1"], "--halt-eps"),
     (["eval", "no/such/run", "--halt-eps", "nan"], "--halt-eps"),
 ])

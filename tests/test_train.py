@@ -281,9 +281,9 @@ def test_sweep_trains_only_its_shard(tmp_path, cache, capsys):
 
     hash_run, dense_run = (r["run_dir"] for r in result["runs"])  # interventions a model cannot take
     assert main(["eval", dense_run, "--zero-moe", "--cache-dir", str(cache)]) == 2
-    assert "invalid --zero-moe=True: this run is a dense model" in capsys.readouterr().err
+    assert f"invalid run_dir={dense_run!r}: a dense model, with no MoE layer for --zero-moe to act on" in capsys.readouterr().err
     assert main(["eval", hash_run, "--halt-eps", "0.1", "--cache-dir", str(cache)]) == 0
-    assert "--halt-eps change nothing on a model with one hop per layer" in capsys.readouterr().err
+    assert "--halt-eps changes nothing on a model with one hop per layer" in capsys.readouterr().err
 
 
 def test_freed_memory_is_reused_without_page_faults():
