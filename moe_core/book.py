@@ -108,6 +108,11 @@ def _includes(*names):
     return lambda value, params: set(names) <= set(value), f"must include {', '.join(map(str, names))}"
 
 
+def _at_least(n: int):
+    """Need: the list holds n entries or more (the chapter pairs its first seeds)."""
+    return lambda value, params: len(value) >= n, f"must hold at least {n} seeds"
+
+
 # What one chapter reads by name or position, beyond the rules above: notebook -> [(parameter, test of its
 # value and of all the parameters, what it must be)].
 CHAPTER_NEEDS = {
@@ -120,10 +125,10 @@ CHAPTER_NEEDS = {
                ("controls", *_includes("linear", "cosine_iso341", "hash", "random_fixed", "top1", "rank2",
                                        "dense_iso_flop", "dense_iso_param"))],
     "tables_equivalence": [("cosine_variants", *_includes("wide", "deep")),
-                           ("seeds", lambda value, params: len(value) >= 2, "must hold at least 2 seeds"),
+                           ("seeds", *_at_least(2)),
                            ("blocks", *_includes(1)),
                            ("primary_delta", lambda value, params: value in params["deltas"], "must be one of deltas")],
-    "mech_experts": [("seeds", lambda value, params: len(value) >= 2, "must hold at least 2 seeds")],
+    "mech_experts": [("seeds", *_at_least(2))],
     "pathmoe_grid": [("core_variants", *_includes("indep", "indep_nolbl", "path_b4", "path_b4_lbl", "path_b2", "path_bL")),
                      ("baselines", *_includes("lowrank", "monob4", "rand"))],
     "pathmoe_paths": [("variants", *_includes("indep", "indep_nolbl", "path_b2", "path_b4", "path_bL"))],

@@ -64,9 +64,10 @@ def _loaded() -> bool:
                   file=sys.stderr, flush=True)
         cpp_extension.load(name=_NAME, sources=[str(s) for s in _SOURCES], extra_cflags=_FLAGS,
                            is_python_module=False, verbose=False)
-        if not announced and time.perf_counter() - started > 2.0:  # a cached build whose sources changed
-            print(f"moe_core: rebuilt the CPU kernels in {time.perf_counter() - started:.0f} s (their sources changed)",
-                  file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - started
+        if not announced and elapsed > 2.0:  # a cached build whose sources changed
+            print(f"moe_core: rebuilt the CPU kernels in {elapsed:.0f} s (their sources changed)", file=sys.stderr,
+                  flush=True)
     except Exception as err:  # any build failure: the torch fallback is correct, only slower
         if switch == "1":
             raise RuntimeError(f"{ENV_SWITCH}=1 but the CPU kernels did not build") from err

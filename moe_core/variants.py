@@ -130,6 +130,6 @@ def _derive(what: str, model: ModelConfig, wide: ModelConfig) -> int:
     if what == "iso_linear":  # d_space * (d_model + M [+ M kinematic]) = M * d_model
         n_mats = 2 if model.kinematic_vectors else 1
         return round(model.n_experts * model.d_model / (model.d_model + n_mats * model.n_experts))
-    wide = count_parameters(wide)["total"]
+    wide_total = count_parameters(wide)["total"]
     no_ffn = count_parameters(dataclasses.replace(model, ffn="dense", d_ff=1))["total"] - 2 * model.d_model * model.n_layers
-    return round((wide - no_ffn) / (2 * model.d_model * model.n_layers))
+    return round((wide_total - no_ffn) / (2 * model.d_model * model.n_layers))
