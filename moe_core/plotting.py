@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 import pandas as pd
 import seaborn as sns
 
@@ -44,21 +45,30 @@ def loss_curves(ax, logs: dict[str, pd.DataFrame], column: str = "loss", window:
     return ax
 
 
+def legend_outside(ax, **kwargs) -> None:
+    """A legend to the right of the axes, for figures with many lines: it can never hide one."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small", **kwargs)
+
+
 def halting_figure(curves: dict[str, tuple[pd.DataFrame, str]], target_pct: float):
     """The halting trade-off in two panels: (left) PPL change against MoE FLOPs saved, the target saving
-    marked; (right) mean hops executed against epsilon, on a log axis (eps = 0 left out). `curves` maps a
-    label to (a sweep table with columns eps, flop_saving_pct, delta_ppl_pct and mean_hops, a line format)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    marked, the PPL axis linear within +-1% and logarithmic beyond; (right) mean hops executed against
+    epsilon, on a log axis (eps = 0 left out). `curves` maps a label to (a sweep table with columns eps,
+    flop_saving_pct, delta_ppl_pct and mean_hops, a line format). One legend below both panels, so it
+    covers no line in either."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.4), layout="constrained")
     for label, (table, fmt) in curves.items():
         left.plot(table.flop_saving_pct, table.delta_ppl_pct, fmt, label=label)
         halted = table[table.eps > 0]
-        right.plot(halted.eps, halted.mean_hops, fmt, label=label)
-    left.axvline(target_pct, color="grey", lw=0.8)
+        right.plot(halted.eps, halted.mean_hops, fmt)
+    left.axvline(target_pct, color="grey", lw=0.8, ls="-.", label=f"target: {target_pct:g}% of MoE FLOPs saved")
     left.set_xlabel("MoE FLOPs saved (%)")
-    left.set_ylabel("PPL change (%)")
-    left.legend()
+    left.set_yscale("symlog", linthresh=1.0)  # linear within +-1%, where the claims live; large costs compressed
+    left.yaxis.set_major_locator(ticker.FixedLocator([-5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50, 100]))
+    left.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    left.set_ylabel("PPL change (%, linear within ±1)")
     right.set_xscale("log")
     right.set_xlabel("epsilon")
     right.set_ylabel("mean hops executed")
-    right.legend(loc="center right", fontsize="small")
+    fig.legend(loc="outside lower center", ncol=min(len(curves) + 1, 4), fontsize="small")
     return fig
