@@ -268,6 +268,14 @@ def executed_key(path: Path) -> str | None:
     return json.loads(path.read_text()).get("metadata", {}).get(META_KEY, {}).get("key")
 
 
+def kernel_config():
+    """Start notebook kernels on local IPC sockets where the OS has them: no TCP port is opened, and
+    ipykernel (>= 7) has nothing to warn about ("Kernel is running over TCP without encryption")."""
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport": "ipc" if os.name == "posix" else "tcp"}})
+
+
 def execute_plan(profile: str, log=print) -> list[dict]:
     """Run every notebook of the plan whose key changed; returns one record per notebook."""
     import nbformat
@@ -288,7 +296,7 @@ def execute_plan(profile: str, log=print) -> list[dict]:
         start = time.perf_counter()
         tmp = executed / f".{name}.running.ipynb"
         papermill.execute_notebook(NOTEBOOKS / f"{name}.ipynb", tmp, parameters=params, cwd=str(ROOT),
-                                   kernel_name="python3", progress_bar=False)
+                                   kernel_name="python3", progress_bar=False, config=kernel_config())
         nb = nbformat.read(tmp, as_version=4)
         nb.metadata[META_KEY] = {"key": key, "profile": profile, "params": params}
         atomic_write(out, lambda path: nbformat.write(nb, path))

@@ -1,6 +1,7 @@
 """The book: every notebook executes under papermill at the tiny profile, the HTML builds with -W,
 every glue key a chapter references exists, and bad parameters are rejected before any work."""
 import json
+import os
 import re
 
 import pytest
@@ -132,6 +133,19 @@ def test_injected_unknown_parameter_is_rejected_inside_the_notebook():
     run = book.notebook_parameters({"profile": "tiny", "seeds": [42]}, "exp_convergence")
     assert run.params["profile"] == "tiny" and run.params["control_seeds"] == [42]
     assert {"git_commit", "moe_core", "torch", "device", "profile", "wall_seconds"} <= run.provenance().keys()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="IPC sockets are a POSIX transport")
+def test_notebook_kernels_listen_on_ipc_sockets(tmp_path):
+    nbformat, papermill = pytest.importorskip("nbformat"), pytest.importorskip("papermill")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from ipykernel.kernelapp import IPKernelApp\nprint(IPKernelApp.instance().transport)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    papermill.execute_notebook(tmp_path / "in.ipynb", tmp_path / "out.ipynb", kernel_name="python3",
+                               progress_bar=False, config=book.kernel_config())
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert out.cells[0].outputs[0]["text"].strip() == "ipc"  # no TCP port, no ipykernel warning about one
 
 
 def test_every_plan_is_valid():
