@@ -365,7 +365,24 @@ def build_html(repository: str | None, log=print) -> Path:
            "--builder", "html", "-W", "-n", "--keep-going"]
     log("book: " + " ".join(cmd))
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
-    return output_dir() / "_build" / "html" / "index.html"
+    html = output_dir() / "_build" / "html"
+    removed = prune_unused_images(html)
+    if removed:
+        log(f"book: removed {removed} figure(s) of earlier builds that no page shows")
+    return html / "index.html"
+
+
+def prune_unused_images(html: Path) -> int:
+    """Delete the files in html/_images that no page refers to: Sphinx's incremental builds add a new file
+    for every changed figure and never remove the old one, so a published site would carry them all."""
+    images = html / "_images"
+    if not images.is_dir():
+        return 0
+    used = {name for page in html.rglob("*.html") for name in re.findall(r"_images/([^\"'\s)?#]+)", page.read_text())}
+    stale = [image for image in images.iterdir() if image.is_file() and image.name not in used]
+    for image in stale:
+        image.unlink()
+    return len(stale)
 
 
 def build_book(profile: str, html: bool = True, log=print) -> dict:

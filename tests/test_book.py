@@ -40,6 +40,24 @@ def test_every_notebook_executes_and_the_book_builds(built):
         assert (book.output_dir() / "_build" / "html" / "notebooks" / f"{name}.html").exists()
 
 
+def test_the_site_holds_exactly_the_figures_its_pages_show(built):
+    html = book.output_dir() / "_build" / "html"
+    shown = {name for page in html.rglob("*.html") for name in re.findall(r"_images/([^\"'\s)?#]+)", page.read_text())}
+    assert shown and shown == {image.name for image in (html / "_images").iterdir()}
+
+
+def test_figures_of_earlier_builds_are_pruned(tmp_path):
+    (tmp_path / "_images").mkdir()
+    for name in ("old.png", "new.png", "diagram.svg"):
+        (tmp_path / "_images" / name).write_bytes(b"x")
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "a.html").write_text('<img src="../_images/new.png" alt="">')
+    (tmp_path / "index.html").write_text("<object data='_images/diagram.svg#frag'></object>")
+    assert book.prune_unused_images(tmp_path) == 1
+    assert sorted(p.name for p in (tmp_path / "_images").iterdir()) == ["diagram.svg", "new.png"]
+    assert book.prune_unused_images(tmp_path / "missing") == 0
+
+
 def test_every_glue_reference_exists(built):
     for name, _ in book.load_plan("tiny"):
         executed = json.loads((book.executed_dir() / f"{name}.ipynb").read_text())
