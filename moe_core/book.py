@@ -30,7 +30,7 @@ import moe_core
 from .config import ConfigError
 from .data import CORPORA
 from .store import atomic_write
-from .variants import profiles, variants
+from .variants import profiles, resolve, variants
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS, PLANS = ROOT / "notebooks", ROOT / "book" / "plans"
@@ -131,7 +131,9 @@ CHAPTER_NEEDS = {
     "mech_experts": [("seeds", *_at_least(2))],
     "pathmoe_grid": [("core_variants", *_includes("indep", "indep_nolbl", "path_b4", "path_b4_lbl", "path_b2", "path_bL")),
                      ("baselines", *_includes("lowrank", "monob4", "rand"))],
-    "pathmoe_paths": [("variants", *_includes("indep", "indep_nolbl", "path_b2", "path_b4", "path_bL"))],
+    "pathmoe_paths": [("variants", *_includes("indep", "indep_nolbl", "path_b2", "path_b4", "path_bL")),
+                      ("block", lambda value, params: resolve(params["variants"][0], params["profile"]).model.n_layers
+                       % value == 0, "must divide the number of layers of the profile's models")],
 }
 
 

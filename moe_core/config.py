@@ -1,4 +1,5 @@
-"""Run configuration: three frozen dataclasses, their validation, and the hash that names a run.
+"""Run configuration: four frozen dataclasses (model, train, data, and the run that holds them), their
+validation, and the hash that names a run.
 
 One resolved `RunConfig` is the single source of truth of a run: everything that can change a
 result is a field here, so `config_hash` can name the run directory. Validation happens before

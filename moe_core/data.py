@@ -312,7 +312,7 @@ class TrainStream:
             raise ValueError(
                 f"train stream has {len(tokens)} tokens, fewer than one window of seq_len+1 = {seq_len + 1}"
             )
-        self.seq_len, self.batch_size, self.seed, self.accum_steps = seq_len, batch_size, seed, accum_steps
+        self.batch_size, self.seed, self.accum_steps = batch_size, seed, accum_steps
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y of shape [batch_size, seq_len], int64, y[:, t] = x[:, t+1] in the stream."""

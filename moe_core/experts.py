@@ -51,6 +51,19 @@ def loop_over_experts(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
     return out
 
 
+def dense_gate(idx: torch.Tensor, weights: torch.Tensor, n_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, E] routing weights: each token's k weights at its experts' columns, zero elsewhere (masked paths)."""
+    return torch.zeros(idx.shape[0], n_experts, dtype=dtype, device=idx.device).scatter(1, idx, weights.to(dtype))
+
+
+def add_back_weighted(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
+                      shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Scale the outputs of the expert-sorted (token, slot) pairs (`sort_by_expert`) by their routing weights
+    and add each back at its token's row of a zero [N, d] output (sorted paths)."""
+    ys = ys * weights.reshape(-1)[order].to(dtype).unsqueeze(-1)
+    return torch.zeros(shape, dtype=dtype, device=ys.device).index_add(0, token, ys)
+
+
 def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order of the flattened (token, slot) pairs grouped by expert, their tokens, tokens per expert)."""
     flat = idx.reshape(-1)
@@ -95,8 +108,7 @@ class RankExperts(nn.Module):
         """
         n_experts, rank, d_model = self.w_down.shape
         act = F.silu(h @ self.w_down.reshape(n_experts * rank, d_model).T).view(-1, n_experts, rank)
-        gate = torch.zeros(h.shape[0], n_experts, dtype=act.dtype, device=h.device)
-        gate = gate.scatter(1, idx, weights.to(act.dtype))
+        gate = dense_gate(idx, weights, n_experts, act.dtype)
         return (act * gate.unsqueeze(-1)).reshape(-1, n_experts * rank) @ self.w_up.reshape(n_experts * rank, d_model)
 
     def forward_gather(self, h, idx, weights):
@@ -128,14 +140,15 @@ class SwiGLUExperts(nn.Module):
         return (F.silu(x @ self.w_gate[e]) * (x @ self.w_in[e])) @ self.w_out[e]
 
     def forward(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        backend = self.backend
-        if backend == "auto":  # grouped GEMMs where torch has them (4x the masked path at E=16, top-4 on
-            # CPU, benchmarks/run.py); else compute all experts when they are few per selection
-            dtype = compute_dtype(h)
-            if grouped_mm_supported(dtype, h.device, self.w_gate, self.w_out):
-                return self._grouped(h, idx, weights, dtype)
-            backend = "masked" if self.w_gate.shape[0] <= 4 * idx.shape[1] else "sorted"
+        backend = self.auto_backend(h, idx.shape[1]) if self.backend == "auto" else self.backend
         return getattr(self, f"forward_{backend}")(h, idx, weights)
+
+    def auto_backend(self, h: torch.Tensor, k: int) -> str:
+        """Grouped GEMMs where torch has them (4x the masked path at E = 16, top-4 on CPU, benchmarks/run.py);
+        else every expert on every token while the experts are few per selection (E <= 4k), else sorted."""
+        if grouped_mm_supported(compute_dtype(h), h.device, self.w_gate, self.w_out):
+            return "grouped"
+        return "masked" if self.w_gate.shape[0] <= 4 * k else "sorted"
 
     def forward_masked(self, h, idx, weights):
         """Run every expert on every token in three batched einsums and weight by a sparse gate.
@@ -144,8 +157,7 @@ class SwiGLUExperts(nn.Module):
         """
         act = F.silu(torch.einsum("nd,edf->enf", h, self.w_gate)) * torch.einsum("nd,edf->enf", h, self.w_in)
         out = torch.einsum("enf,efd->end", act, self.w_out)
-        gate = torch.zeros(h.shape[0], self.w_gate.shape[0], dtype=out.dtype, device=h.device)
-        gate = gate.scatter(1, idx, weights.to(out.dtype))
+        gate = dense_gate(idx, weights, self.w_gate.shape[0], out.dtype)
         return torch.einsum("end,ne->nd", out, gate)
 
     def forward_grouped(self, h, idx, weights):
@@ -157,17 +169,12 @@ class SwiGLUExperts(nn.Module):
         dtype = compute_dtype(h)
         if not grouped_mm_supported(dtype, h.device, self.w_gate, self.w_out):
             return self.forward_sorted(h, idx, weights)
-        return self._grouped(h, idx, weights, dtype)
-
-    def _grouped(self, h, idx, weights, dtype):
-        """forward_grouped once its support check has passed (`auto` has made that check already)."""
         order, token, counts = sort_by_expert(idx, self.w_gate.shape[0])
         offsets = counts.cumsum(0).to(torch.int32)
         xs = h[token].to(dtype)
         act = F.silu(_GROUPED_MM(xs, self.w_gate.to(dtype), offs=offsets)) * _GROUPED_MM(xs, self.w_in.to(dtype), offs=offsets)
         ys = _GROUPED_MM(act, self.w_out.to(dtype), offs=offsets)
-        ys = ys * weights.reshape(-1)[order].to(dtype).unsqueeze(-1)
-        return torch.zeros(h.shape, dtype=dtype, device=h.device).index_add(0, token, ys)
+        return add_back_weighted(ys, weights, order, token, h.shape, dtype)
 
     def forward_sorted(self, h, idx, weights):
         """Sort the (token, slot) pairs by expert, run each expert on one contiguous slice.
@@ -181,8 +188,7 @@ class SwiGLUExperts(nn.Module):
             if n:
                 outs.append(self.expert(e, xs[start:start + n]))
             start += n
-        ys = torch.cat(outs) * weights.reshape(-1)[order].to(h.dtype).unsqueeze(-1)
-        return torch.zeros_like(h).index_add(0, token, ys)
+        return add_back_weighted(torch.cat(outs), weights, order, token, h.shape, h.dtype)
 
     def forward_loop(self, h, idx, weights):
         """Reference: one expert at a time."""

@@ -42,9 +42,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate consecutive channel pairs of x by position-dependent angles (`rotate_pairs`).
 
     On CPU in fp32 (and fp64) the rotation runs as one complex product, at a third of the cost of the dozen
-    strided real ops: the same arithmetic, equal to the last bit (bit for bit at head widths 16 and 32
-    on the CPU we measured, not at 8). bf16 has no complex dtype, and torch.compile fuses the
-    real ops but not complex ones.
+    strided real ops: the same arithmetic, equal to `rotate_pairs` within the last bit (bit for bit at
+    head widths 16 and 32 on the CPU we measured, not at 8). bf16 has no complex dtype, and
+    torch.compile fuses the real ops but not complex ones.
     """
     if not cpu_kernels.eager_cpu(x) or x.dtype not in (torch.float32, torch.float64):
         return rotate_pairs(x, cos, sin)
@@ -94,12 +94,28 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-LN block: x + Attn(LN(x)), then + FFN(LN(x)). The FFN is dense or an MoE layer; an MoE layer
+    routes with the router (and scales by the magnitude scalar alpha) that the model hands it."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
         self.ffn = MoELayer(cfg, layer) if cfg.ffn == "moe" else DenseFFN(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens: torch.Tensor,
+                iv: Interventions, router=None, alpha: torch.Tensor | None = None):
+        """Returns (the block's output, the attention update, the FFN update, the MoE layer's hop events and
+        hops executed per token [B, T]); a dense block has no events and None hops."""
+        attn = self.attn(self.ln1(x), cos, sin)
+        x = x + self.drop(attn)
+        h = self.ln2(x)
+        if isinstance(self.ffn, MoELayer):
+            ffn, events, hops = self.ffn(h, router, tokens, alpha, iv)
+        else:
+            ffn, events, hops = self.ffn(h), [], None
+        return x + self.drop(ffn), attn, ffn, events, hops
 
 
 class DecisionReplay:
@@ -127,8 +143,9 @@ class ModelOutput:
     loss: torch.Tensor | None  # mean token cross-entropy when targets were given
     events: list[HopEvent] = field(default_factory=list)  # one per (layer, hop)
     hops: torch.Tensor | None = None  # [L, B, T] hops executed per token and layer (MoE only)
-    attn_norms: list[torch.Tensor] = field(default_factory=list)  # per layer, traced runs only
-    moe_norms: list[torch.Tensor] = field(default_factory=list)
+    # traced runs only (Interventions.trace), per layer [B, T]: the norms of the attention and FFN (MoE or dense) updates
+    attn_norms: list[torch.Tensor] = field(default_factory=list)
+    ffn_norms: list[torch.Tensor] = field(default_factory=list)
 
 
 class MoETransformer(nn.Module):
@@ -179,25 +196,21 @@ class MoETransformer(nn.Module):
         hops = []
         decision_block = self.cfg.router_decision_block
         for layer, block in enumerate(self.blocks):
-            attn = block.attn(block.ln1(x), self.rope_cos, self.rope_sin)
-            x = x + block.drop(attn)
-            h = block.ln2(x)
-            if isinstance(block.ffn, MoELayer):
+            router = alpha = None
+            if self.cfg.ffn == "moe":
                 alpha = None if self.alpha is None else self.alpha[min(layer, len(self.alpha) - 1)]
                 router = self.router_for_layer(layer)
                 if decision_block > 1:  # MonoB: the block's first layer decides for all of its layers
                     if layer % decision_block == 0:
                         replay = DecisionReplay(router)
                     router = replay
-                ffn, events, done = block.ffn(h, router, tokens, alpha, iv)
-                out.events += events
+            x, attn, ffn, events, done = block(x, self.rope_cos, self.rope_sin, tokens, iv, router, alpha)
+            out.events += events
+            if done is not None:
                 hops.append(done)
-            else:
-                ffn = block.ffn(h)
             if iv.trace:
                 out.attn_norms.append(attn.detach().float().norm(dim=-1))
-                out.moe_norms.append(ffn.detach().float().norm(dim=-1))
-            x = x + block.drop(ffn)
+                out.ffn_norms.append(ffn.detach().float().norm(dim=-1))
         out.logits = self.ln_f(x) @ self.embed.weight.T
         if targets is not None:
             out.loss = token_cross_entropy(out.logits, targets)

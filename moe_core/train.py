@@ -57,7 +57,8 @@ def default_cache_dir() -> Path:
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup to t.lr, then cosine decay to t.lr * t.min_lr_ratio at the last step."""
+    """Linear warmup to t.lr, then cosine decay that would reach t.lr * t.min_lr_ratio at step t.steps, one past
+    the last step trained (steps count from 0), so the last step runs just above it."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)

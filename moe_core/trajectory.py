@@ -42,8 +42,8 @@ class Interventions:
 
     halt_eps: float = 0.0  # relative-norm halting threshold (0 = never halt)
     freeze_routing: bool = False  # reuse the hop-0 routing at every hop
-    zero_moe: bool = False  # the MoE layer outputs zero (expert-contribution test)
-    trace: bool = False  # keep every hop's update dh in the events
+    zero_moe: bool = False  # the experts' update is zero (expert-contribution test); residual=literal still passes x
+    trace: bool = False  # keep every hop's update dh in the events, and each block's |attention| and |FFN| norms
     # per layer: expert id e is replaced by perm[e]; a perm [N, E] holds one row per routed token
     expert_permutation: list[torch.Tensor] | None = None
     router_noise: float = 0.0  # sigma: the router sees h + eps * sigma * ||h|| / sqrt(d), eps ~ N(0, I)

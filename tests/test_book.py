@@ -119,6 +119,7 @@ def test_every_notebook_default_passes_the_value_rules():
     ("pathmoe_paths", {"token_fractions": [0.1, 1.5]}, "token_fractions=1.5: each value of token_fractions must be a share"),
     ("pathmoe_paths", {"noise_sigmas": [-0.1]}, "noise_sigmas=-0.1: each value of noise_sigmas must be a finite number >= 0"),
     ("pathmoe_paths", {"shuffle_draws": 0}, "shuffle_draws=0: must be a positive integer"),
+    ("pathmoe_paths", {"block": 3}, "block=3: must divide the number of layers of the profile's models"),
     ("pathmoe_paths", {"cost_seeds": []}, r"cost_seeds=\[\]: must not be empty"),
     ("pathmoe_paths", {"variants": ["indep", "indpe"]}, "variants='indpe': unknown variant; valid: wide, deep"),
     ("pathmoe_paths", {"seed": -1}, "seed=-1: must be a non-negative integer"),

@@ -135,7 +135,7 @@ def test_literal_residual_adds_the_layer_input():
 def test_zeroing_the_moe_leaves_attention_only():
     model = build("wide")
     out = model(TOKENS, iv=Interventions(zero_moe=True, trace=True))
-    assert all((n == 0).all() for n in out.moe_norms)
+    assert all((n == 0).all() for n in out.ffn_norms)
     assert all((n > 0).all() for n in out.attn_norms)
 
 

@@ -184,7 +184,7 @@ def cost_at_saving(rows: list[dict], saving: float) -> float | None:
 
 
 def expert_zeroing(model: MoETransformer, batches, device: torch.device, precision: str = "auto") -> dict:
-    """Perplexity with the MoE layers as trained vs with every MoE output set to zero (spec 4.8).
+    """Perplexity with the MoE layers as trained vs with every expert update set to zero (spec 4.8).
 
     Returns {"normal_ppl", "zeroed_ppl", "ratio"} (paper: Wide 33.9 -> 494.5, Deep 34.6 -> 846.9).
     """
@@ -204,7 +204,7 @@ def moe_attention_norm_ratio(model: MoETransformer, tokens: torch.Tensor) -> dic
     {"per_layer", "mean"}.
     """
     out = _forward(model, tokens, Interventions(trace=True))
-    per_layer = [(moe / attn).mean().item() for attn, moe in zip(out.attn_norms, out.moe_norms)]
+    per_layer = [(ffn / attn).mean().item() for attn, ffn in zip(out.attn_norms, out.ffn_norms)]
     return {"per_layer": per_layer, "mean": sum(per_layer) / len(per_layer)}
 
 # ---------------------------------------------------------------------------------------------

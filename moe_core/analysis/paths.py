@@ -75,7 +75,7 @@ def _require_probs(p, layer: int) -> torch.Tensor:
 
 
 def routing_record(model: MoETransformer, tokens: torch.Tensor, iv: Interventions | None = None) -> dict:
-    """Every token's routing at every MoE layer's first hop, on CPU (spec 4.0).
+    """Every token's routing at every MoE layer's first hop, without autocast, returned on CPU (spec 4.0).
 
     tokens [B, T] are flattened row-major into N = B*T tokens. Returns {"tokens": [N] ids,
     "top1": LongTensor [N, L] (idx[:, 0]: top-k is sorted by probability), "topk": per layer
@@ -160,6 +160,12 @@ def unique_paths_curve(top1, points) -> list[tuple[int, int]]:
     return [(int(n), int(np.searchsorted(first_seen, n))) for n in points]
 
 
+def check_block(block: int, n_layers: int) -> None:
+    """Blocks of `block` consecutive layers must tile the model's layers exactly."""
+    if block < 1 or n_layers % block:
+        raise ValueError(f"block={block} does not divide the {n_layers} layers")
+
+
 def block_path_entropy(top1, block: int) -> list[float]:
     """Entropy in bits of the sub-path over each block of `block` consecutive layers (spec 4.2).
 
@@ -168,18 +174,18 @@ def block_path_entropy(top1, block: int) -> list[float]:
     """
     top1 = as_numpy(top1)
     n_layers = top1.shape[1]
-    if block < 1 or n_layers % block:
-        raise ValueError(f"block={block} does not divide the {n_layers} layers")
+    check_block(block, n_layers)
     return [entropy_bits(_path_counts(top1[:, start:start + block])) for start in range(0, n_layers, block)]
 
 # ---------------------------------------------------------------------------------------------
 # cross-layer consistency (4.4)
 
 
-def cooccurrence(a, b, n_experts: int) -> np.ndarray:
-    """C[i, j] = number of tokens with expert i in one layer and expert j in the next: [E, E]."""
+def contingency(a, b, size: int) -> np.ndarray:
+    """C[i, j] = number of tokens with label i in `a` and label j in `b`, labels in [0, size): [size, size].
+    For two layers' top-1 experts, C counts the tokens going from expert i to expert j."""
     a, b = as_numpy(a).astype(np.int64), as_numpy(b).astype(np.int64)
-    return np.bincount(a * n_experts + b, minlength=n_experts * n_experts).reshape(n_experts, n_experts)
+    return np.bincount(a * size + b, minlength=size * size).reshape(size, size)
 
 
 def normalized_mutual_information(counts: np.ndarray) -> float:
@@ -208,7 +214,7 @@ def consecutive_agreement(top1, n_experts: int) -> list[dict]:
     top1 = as_numpy(top1)
     rows = []
     for layer in range(top1.shape[1] - 1):
-        counts = cooccurrence(top1[:, layer], top1[:, layer + 1], n_experts)
+        counts = contingency(top1[:, layer], top1[:, layer + 1], n_experts)
         rows.append({"layers": (layer, layer + 1), "agreement": float(np.trace(counts) / counts.sum()),
                      "nmi": normalized_mutual_information(counts), "aligned_agreement": aligned_agreement(counts)})
     return rows
@@ -244,8 +250,7 @@ def split_by_block(per_pair: list[float], block: int) -> dict:
     per_pair[l] belongs to layers (l, l+1), as consecutive_* return it; a side without pairs is nan.
     """
     n_layers = len(per_pair) + 1
-    if block < 1 or n_layers % block:
-        raise ValueError(f"block={block} does not divide the {n_layers} layers")
+    check_block(block, n_layers)
     within = [v for layer, v in enumerate(per_pair) if (layer + 1) % block]
     across = [v for layer, v in enumerate(per_pair) if not (layer + 1) % block]
     return {"within_block": float(np.mean(within)) if within else math.nan,
@@ -258,7 +263,7 @@ def aligned_labels(top1, n_experts: int) -> np.ndarray:
     result are permutation-invariant: a router that merely shares labels across layers gains nothing."""
     top1 = as_numpy(top1).astype(np.int64)
     for layer in range(1, top1.shape[1]):
-        rows, cols = linear_sum_assignment(cooccurrence(top1[:, layer - 1], top1[:, layer], n_experts), maximize=True)
+        rows, cols = linear_sum_assignment(contingency(top1[:, layer - 1], top1[:, layer], n_experts), maximize=True)
         rename = np.empty(n_experts, dtype=np.int64)
         rename[cols] = rows
         top1[:, layer] = rename[top1[:, layer]]
@@ -344,8 +349,8 @@ def path_class_alignment(top1, classes, m: int, seed: int = 0) -> dict:
     labels = top_path_labels(top1, m)
     class_names, class_ids = np.unique(np.asarray(classes), return_inverse=True)
     size = max(m + 1, len(class_names))
-    counts = cooccurrence(labels, class_ids, size)
-    shuffled = cooccurrence(labels, np.random.default_rng(seed).permutation(class_ids), size)
+    counts = contingency(labels, class_ids, size)
+    shuffled = contingency(labels, np.random.default_rng(seed).permutation(class_ids), size)
     n = counts.sum()
     return {"purity": float(counts.max(axis=1).sum() / n), "nmi": normalized_mutual_information(counts),
             "nmi_shuffled": normalized_mutual_information(shuffled),
@@ -476,7 +481,9 @@ def router_noise_robustness(model: MoETransformer, batches, device: torch.device
     Every router sees h + eps * sigma * ||h|| / sqrt(d); experts still see h. One row per sigma:
     {"sigma", "jaccard": mean over tokens and layers of Jaccard(S_clean, S_noisy) of the top-k
     sets (batches of equal shape), "clean_ppl", "ppl", "increase_pct"}. The noise is drawn from
-    `seed`, leaving torch's global generator as it was.
+    `seed`, leaving torch's global generator as it was. The overlap and the PPL come from two passes with
+    their own noise draws (the PPL pass continues the generator): the overlap from `routing_record`, without
+    autocast, the PPL from `evaluate` in `precision` (bf16 on CUDA under "auto").
     """
     _require_moe(model, "router_noise_robustness")
     clean_sets = [routing_record(model, x)["topk"] for x, _ in batches]
