@@ -233,6 +233,26 @@ def agree(value: int, world: World, device: torch.device) -> int:
     return int(box.item())
 
 
+class Stopwatch:
+    """Seconds spent training: `pause` before an evaluation or a checkpoint and `resume` after, so they are
+    left out; `lap` returns the time since the last lap and starts the next."""
+
+    def __init__(self):
+        self.seconds, self.since = 0.0, time.perf_counter()
+
+    def pause(self) -> None:
+        self.seconds += time.perf_counter() - self.since
+
+    def resume(self) -> None:
+        self.since = time.perf_counter()
+
+    def lap(self) -> float:
+        self.pause()
+        seconds, self.seconds = self.seconds, 0.0
+        self.resume()
+        return seconds
+
+
 # ------------------------------------------------------------------ trainer
 
 class Trainer:
@@ -397,12 +417,11 @@ class Trainer:
         name = f"{cfg.variant}/{cfg.profile}/s{cfg.seed}"
         bar = tqdm(total=t.steps, initial=start, disable=not (self.progress and main), unit="step", file=sys.stderr,
                    desc=name, dynamic_ncols=True, mininterval=1.0)
-        # step_seconds: time spent in training steps since the last log line; evals and checkpoints are left out
-        tokens_done, step_seconds, tick = 0, 0.0, time.perf_counter()
+        tokens_done, watch = 0, Stopwatch()  # tokens and training seconds since the last log line
         try:
             for step in range(start, t.steps):
                 if stop_at is not None and step >= stop_at:
-                    self.train_seconds += step_seconds + time.perf_counter() - tick
+                    self.train_seconds += watch.lap()
                     self.checkpoint(step)
                     if main:
                         store.write_status(self.run, "paused", step=step)
@@ -412,33 +431,37 @@ class Trainer:
                 tokens_done += t.tokens_per_step
                 done = step + 1
                 if done % log_every == 0 or done == t.steps:
-                    self.check_finite(done)
-                    step_seconds += time.perf_counter() - tick
-                    self.train_seconds += step_seconds
-                    tokens_per_s = tokens_done / step_seconds
-                    record = {"step": done, **{k: float(v) for k, v in stats.items()}, "tokens_per_s": tokens_per_s,
-                              "mfu": tokens_per_s * self.flops_per_token / self.peak_flops(), "train_seconds": self.train_seconds}
-                    if main:
-                        self.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{math.exp(min(record['loss'], 50)):.1f}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
-                    tokens_done, step_seconds, tick = 0, 0.0, time.perf_counter()
+                    self.check_finite(done)  # waits for the steps' work, so their time is counted in full
+                    self.log_progress(done, stats, tokens_done, watch.lap(), bar)
+                    tokens_done = 0
                 if done % t.eval_every == 0 and done < t.steps:
-                    self.check_finite(done)  # waits for the step's work, so its time is counted in full
-                    step_seconds += time.perf_counter() - tick
+                    self.check_finite(done)
+                    watch.pause()
                     if main:
                         result = evaluate(self.model, self.val, self.device, t.precision)
                         self.log({"step": done, "val_loss": result["val_loss"], "val_ppl": result["val_ppl"]})
                         bar.write(f"{name} step {done}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
-                    tick = time.perf_counter()
+                    watch.resume()
                 if done % t.checkpoint_every == 0 or done == t.steps:  # the last one covers finish()
-                    step_seconds += time.perf_counter() - tick
+                    watch.pause()
                     self.checkpoint(done)
-                    tick = time.perf_counter()
+                    watch.resume()
                 bar.update(1)
         finally:
             bar.close()
         return self.finish() if main else None
+
+    def log_progress(self, done: int, stats: dict, tokens: int, seconds: float, bar) -> None:
+        """One training log line (rank 0) and the progress bar's figures: the step's stats, and the throughput
+        and MFU of the `tokens` trained in `seconds` since the last line."""
+        self.train_seconds += seconds
+        tokens_per_s = tokens / seconds
+        record = {"step": done, **{k: float(v) for k, v in stats.items()}, "tokens_per_s": tokens_per_s,
+                  "mfu": tokens_per_s * self.flops_per_token / self.peak_flops(), "train_seconds": self.train_seconds}
+        if self.world.main:
+            self.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{math.exp(min(record['loss'], 50)):.1f}",
+                        tok_s=f"{tokens_per_s:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
 
     def finish(self) -> dict:
         """Final evaluation and the result files; results.json is written last, then checkpoints go."""
