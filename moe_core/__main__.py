@@ -213,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", type=Path)
     ev.add_argument("--halt-eps", type=float, default=0.0, help="relative-norm halting threshold")
     ev.add_argument("--freeze-routing", action="store_true", help="reuse the hop-0 routing at every hop")
-    ev.add_argument("--zero-moe", action="store_true", help="set every MoE output to zero")
+    ev.add_argument("--zero-moe", action="store_true", help="set every MoE layer's expert update to zero")
     book = command("book", help="execute the book's notebooks for a profile and build the HTML")
     book.add_argument("--profile", default="smoke")
     book.add_argument("--no-html", action="store_true", help="execute the notebooks only")

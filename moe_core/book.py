@@ -11,6 +11,7 @@ notebook in the repository. papermill, nbformat and jupyter-book are imported on
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import math
@@ -18,7 +19,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,8 +135,9 @@ CHAPTER_NEEDS = {
     "pathmoe_grid": [("core_variants", *_includes("indep", "indep_nolbl", "path_b4", "path_b4_lbl", "path_b2", "path_bL")),
                      ("baselines", *_includes("lowrank", "monob4", "rand"))],
     "pathmoe_paths": [("variants", *_includes("indep", "indep_nolbl", "path_b2", "path_b4", "path_bL")),
-                      ("block", lambda value, params: resolve(params["variants"][0], params["profile"]).model.n_layers
-                       % value == 0, "must divide the number of layers of the profile's models")],
+                      ("block", lambda value, params: all(resolve(v, params["profile"]).model.n_layers % value == 0
+                                                          for v in params["variants"]),
+                       "must divide the number of layers of every model in variants at the profile")],
 }
 
 
@@ -270,12 +274,18 @@ def executed_key(path: Path) -> str | None:
     return json.loads(path.read_text()).get("metadata", {}).get(META_KEY, {}).get("key")
 
 
+@contextlib.contextmanager
 def kernel_config():
-    """Start notebook kernels on local IPC sockets where the OS has them: no TCP port is opened, and
-    ipykernel (>= 7) has nothing to warn about ("Kernel is running over TCP without encryption")."""
+    """The kernel settings for one notebook run: on POSIX, IPC sockets in a fresh private temporary folder
+    (removed afterwards), so no TCP port is opened, ipykernel (>= 7) has nothing to warn about ("Kernel is
+    running over TCP without encryption"), and two runs at once never share a socket path; TCP elsewhere."""
     from traitlets.config import Config
 
-    return Config({"KernelManager": {"transport": "ipc" if os.name == "posix" else "tcp"}})
+    if os.name != "posix":
+        yield Config({"KernelManager": {"transport": "tcp"}})
+        return
+    with tempfile.TemporaryDirectory(prefix="moe-kernel-") as sockets:  # short: socket paths hold ~100 bytes
+        yield Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(sockets, "k")}})
 
 
 def execute_plan(profile: str, log=print) -> list[dict]:
@@ -297,8 +307,9 @@ def execute_plan(profile: str, log=print) -> list[dict]:
         log(f"book: {name}: executing with {params}")
         start = time.perf_counter()
         tmp = executed / f".{name}.running.ipynb"
-        papermill.execute_notebook(NOTEBOOKS / f"{name}.ipynb", tmp, parameters=params, cwd=str(ROOT),
-                                   kernel_name="python3", progress_bar=False, config=kernel_config())
+        with kernel_config() as config:
+            papermill.execute_notebook(NOTEBOOKS / f"{name}.ipynb", tmp, parameters=params, cwd=str(ROOT),
+                                       kernel_name="python3", progress_bar=False, config=config)
         nb = nbformat.read(tmp, as_version=4)
         nb.metadata[META_KEY] = {"key": key, "profile": profile, "params": params}
         atomic_write(out, lambda path: nbformat.write(nb, path))
@@ -380,7 +391,8 @@ def prune_unused_images(html: Path) -> int:
     images = html / "_images"
     if not images.is_dir():
         return 0
-    used = {name for page in html.rglob("*.html") for name in re.findall(r"_images/([^\"'\s)?#]+)", page.read_text())}
+    used = {urllib.parse.unquote(name) for page in html.rglob("*.html")  # Sphinx writes the names %-quoted
+            for name in re.findall(r"_images/([^\"'\s)?#]+)", page.read_text(encoding="utf-8"))}
     stale = [image for image in images.iterdir() if image.is_file() and image.name not in used]
     for image in stale:
         image.unlink()

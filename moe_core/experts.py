@@ -140,10 +140,10 @@ class SwiGLUExperts(nn.Module):
         return (F.silu(x @ self.w_gate[e]) * (x @ self.w_in[e])) @ self.w_out[e]
 
     def forward(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        backend = self.auto_backend(h, idx.shape[1]) if self.backend == "auto" else self.backend
+        backend = self.pick_backend(h, idx.shape[1]) if self.backend == "auto" else self.backend
         return getattr(self, f"forward_{backend}")(h, idx, weights)
 
-    def auto_backend(self, h: torch.Tensor, k: int) -> str:
+    def pick_backend(self, h: torch.Tensor, k: int) -> str:
         """Grouped GEMMs where torch has them (4x the masked path at E = 16, top-4 on CPU, benchmarks/run.py);
         else every expert on every token while the experts are few per selection (E <= 4k), else sorted."""
         if grouped_mm_supported(compute_dtype(h), h.device, self.w_gate, self.w_out):

@@ -47,7 +47,11 @@ def loss_curves(ax, logs: dict[str, pd.DataFrame], column: str = "loss", window:
 
 def legend_outside(ax, **kwargs) -> None:
     """A legend to the right of the axes, for figures with many lines: it can never hide one."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small", **kwargs)
+    ax.legend(**{"loc": "upper left", "bbox_to_anchor": (1.02, 1), "borderaxespad": 0, "fontsize": "small", **kwargs})
+
+
+# ticks of a symlog percentage axis (linear within +-1): 0, +-0.5, then 1-2-5 steps both ways up to 50,000
+PCT_TICKS = [0.0, -0.5, 0.5] + [sign * m * 10.0**e for e in range(5) for m in (1, 2, 5) for sign in (-1, 1)]
 
 
 def halting_figure(curves: dict[str, tuple[pd.DataFrame, str]], target_pct: float):
@@ -64,7 +68,7 @@ def halting_figure(curves: dict[str, tuple[pd.DataFrame, str]], target_pct: floa
     left.axvline(target_pct, color="grey", lw=0.8, ls="-.", label=f"target: {target_pct:g}% of MoE FLOPs saved")
     left.set_xlabel("MoE FLOPs saved (%)")
     left.set_yscale("symlog", linthresh=1.0)  # linear within +-1%, where the claims live; large costs compressed
-    left.yaxis.set_major_locator(ticker.FixedLocator([-5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50, 100]))
+    left.yaxis.set_major_locator(ticker.FixedLocator(PCT_TICKS))
     left.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
     left.set_ylabel("PPL change (%, linear within ±1)")
     right.set_xscale("log")

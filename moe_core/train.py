@@ -234,8 +234,8 @@ def agree(value: int, world: World, device: torch.device) -> int:
 
 
 class Stopwatch:
-    """Seconds spent training: `pause` before an evaluation or a checkpoint and `resume` after, so they are
-    left out; `lap` returns the time since the last lap and starts the next."""
+    """Seconds spent training: `pause` before an evaluation, a checkpoint or a log line and `resume` after,
+    so they are left out; `lap` pauses and returns the seconds since the last lap (resume after it)."""
 
     def __init__(self):
         self.seconds, self.since = 0.0, time.perf_counter()
@@ -249,7 +249,6 @@ class Stopwatch:
     def lap(self) -> float:
         self.pause()
         seconds, self.seconds = self.seconds, 0.0
-        self.resume()
         return seconds
 
 
@@ -432,8 +431,9 @@ class Trainer:
                 done = step + 1
                 if done % log_every == 0 or done == t.steps:
                     self.check_finite(done)  # waits for the steps' work, so their time is counted in full
-                    self.log_progress(done, stats, tokens_done, watch.lap(), bar)
+                    self.log_progress(done, stats, tokens_done, watch.lap(), bar)  # the watch stays paused
                     tokens_done = 0
+                    watch.resume()
                 if done % t.eval_every == 0 and done < t.steps:
                     self.check_finite(done)
                     watch.pause()

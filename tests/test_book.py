@@ -48,13 +48,16 @@ def test_the_site_holds_exactly_the_figures_its_pages_show(built):
 
 def test_figures_of_earlier_builds_are_pruned(tmp_path):
     (tmp_path / "_images").mkdir()
-    for name in ("old.png", "new.png", "diagram.svg"):
+    for name in ("old.png", "new.png", "diagram.svg", "my fig+1.png", "résumé.svg"):
         (tmp_path / "_images" / name).write_bytes(b"x")
     (tmp_path / "notebooks").mkdir()
-    (tmp_path / "notebooks" / "a.html").write_text('<img src="../_images/new.png" alt="">')
-    (tmp_path / "index.html").write_text("<object data='_images/diagram.svg#frag'></object>")
+    (tmp_path / "notebooks" / "a.html").write_text('<img src="../_images/new.png" alt="">'
+                                                   '<img srcset="../_images/my%20fig%2B1.png 2x">')
+    (tmp_path / "index.html").write_text("<object data='_images/diagram.svg#frag'></object>"
+                                         "<img src='_images/r%C3%A9sum%C3%A9.svg'>", encoding="utf-8")
     assert book.prune_unused_images(tmp_path) == 1
-    assert sorted(p.name for p in (tmp_path / "_images").iterdir()) == ["diagram.svg", "new.png"]
+    assert sorted(p.name for p in (tmp_path / "_images").iterdir()) == ["diagram.svg", "my fig+1.png", "new.png",
+                                                                        "résumé.svg"]
     assert book.prune_unused_images(tmp_path / "missing") == 0
 
 
@@ -119,7 +122,7 @@ def test_every_notebook_default_passes_the_value_rules():
     ("pathmoe_paths", {"token_fractions": [0.1, 1.5]}, "token_fractions=1.5: each value of token_fractions must be a share"),
     ("pathmoe_paths", {"noise_sigmas": [-0.1]}, "noise_sigmas=-0.1: each value of noise_sigmas must be a finite number >= 0"),
     ("pathmoe_paths", {"shuffle_draws": 0}, "shuffle_draws=0: must be a positive integer"),
-    ("pathmoe_paths", {"block": 3}, "block=3: must divide the number of layers of the profile's models"),
+    ("pathmoe_paths", {"block": 3}, "block=3: must divide the number of layers of every model in variants"),
     ("pathmoe_paths", {"cost_seeds": []}, r"cost_seeds=\[\]: must not be empty"),
     ("pathmoe_paths", {"variants": ["indep", "indpe"]}, "variants='indpe': unknown variant; valid: wide, deep"),
     ("pathmoe_paths", {"seed": -1}, "seed=-1: must be a non-negative integer"),
@@ -161,10 +164,15 @@ def test_notebook_kernels_listen_on_ipc_sockets(tmp_path):
         "from ipykernel.kernelapp import IPKernelApp\nprint(IPKernelApp.instance().transport)")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "in.ipynb")
-    papermill.execute_notebook(tmp_path / "in.ipynb", tmp_path / "out.ipynb", kernel_name="python3",
-                               progress_bar=False, config=book.kernel_config())
+    with book.kernel_config() as config:
+        sockets = os.path.dirname(config.KernelManager.ip)
+        papermill.execute_notebook(tmp_path / "in.ipynb", tmp_path / "out.ipynb", kernel_name="python3",
+                                   progress_bar=False, config=config, cwd=str(tmp_path))
+        with book.kernel_config() as other:
+            assert os.path.dirname(other.KernelManager.ip) != sockets  # two runs at once never share sockets
     out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     assert out.cells[0].outputs[0]["text"].strip() == "ipc"  # no TCP port, no ipykernel warning about one
+    assert not os.path.exists(sockets) and not list(tmp_path.glob("*ipc*"))  # nothing left behind
 
 
 def test_every_plan_is_valid():

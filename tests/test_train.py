@@ -82,8 +82,9 @@ def test_finished_run_is_not_retrained(tmp_path, cache, monkeypatch):
 
 
 def test_throughput_counts_training_steps_only(tmp_path, cache, monkeypatch):
-    """With a clock that advances one second per training step and never otherwise, the logged tokens/s is
-    exactly tokens_per_step and train_seconds the step count, though evals and checkpoints fall between logs."""
+    """With a clock that advances one second per training step, and five seconds in every log write, peak
+    measurement, evaluation and checkpoint, the logged tokens/s is exactly tokens_per_step and train_seconds
+    the step count, though evals and checkpoints fall between logs."""
     import types
 
     from moe_core import train as train_module
@@ -98,6 +99,16 @@ def test_throughput_counts_training_steps_only(tmp_path, cache, monkeypatch):
         return out
 
     monkeypatch.setattr(Trainer, "train_step", one_second_step)
+
+    def slow(function):
+        def wrapped(*args, **kwargs):
+            clock[0] += 5.0
+            return function(*args, **kwargs)
+        return wrapped
+
+    for name in ("log", "checkpoint", "peak_flops"):
+        monkeypatch.setattr(Trainer, name, slow(getattr(Trainer, name)))
+    monkeypatch.setattr(train_module, "evaluate", slow(train_module.evaluate))
     cfg = resolve("wide", "tiny", 5, {"train": {"steps": 400, "eval_every": 15, "checkpoint_every": 7}})
     result = train(cfg, tmp_path, cache, progress=False)  # logs every 2 steps; evals at 15, 45, ...
     logged = [json.loads(line) for line in (tmp_path / result["run_dir"] / "metrics.jsonl").read_text().splitlines()]
