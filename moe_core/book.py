@@ -385,14 +385,19 @@ def build_html(repository: str | None, log=print) -> Path:
     return html / "index.html"
 
 
+def shown_images(html: Path) -> set[str]:
+    """The names of the files in html/_images that some page of the site refers to."""
+    return {urllib.parse.unquote(name) for page in html.rglob("*.html")  # Sphinx writes the names %-quoted
+            for name in re.findall(r"_images/([^\"'\s)?#]+)", page.read_text(encoding="utf-8"))}
+
+
 def prune_unused_images(html: Path) -> int:
     """Delete the files in html/_images that no page refers to: Sphinx's incremental builds add a new file
     for every changed figure and never remove the old one, so a published site would carry them all."""
     images = html / "_images"
     if not images.is_dir():
         return 0
-    used = {urllib.parse.unquote(name) for page in html.rglob("*.html")  # Sphinx writes the names %-quoted
-            for name in re.findall(r"_images/([^\"'\s)?#]+)", page.read_text(encoding="utf-8"))}
+    used = shown_images(html)
     stale = [image for image in images.iterdir() if image.is_file() and image.name not in used]
     for image in stale:
         image.unlink()

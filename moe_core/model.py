@@ -143,7 +143,7 @@ class ModelOutput:
     loss: torch.Tensor | None  # mean token cross-entropy when targets were given
     events: list[HopEvent] = field(default_factory=list)  # one per (layer, hop)
     hops: torch.Tensor | None = None  # [L, B, T] hops executed per token and layer (MoE only)
-    # traced runs only (Interventions.trace), per layer [B, T]: the norms of the attention and FFN (MoE or dense) updates
+    # traced runs only (Interventions.trace), per layer [B, T]: norms of the attention and FFN (MoE or dense) updates
     attn_norms: list[torch.Tensor] = field(default_factory=list)
     ffn_norms: list[torch.Tensor] = field(default_factory=list)
 

@@ -42,7 +42,7 @@ def test_every_notebook_executes_and_the_book_builds(built):
 
 def test_the_site_holds_exactly_the_figures_its_pages_show(built):
     html = book.output_dir() / "_build" / "html"
-    shown = {name for page in html.rglob("*.html") for name in re.findall(r"_images/([^\"'\s)?#]+)", page.read_text())}
+    shown = book.shown_images(html)
     assert shown and shown == {image.name for image in (html / "_images").iterdir()}
 
 
