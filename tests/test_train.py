@@ -299,7 +299,8 @@ def test_sweep_trains_only_its_shard(tmp_path, cache, capsys):
 
 def test_freed_memory_is_reused_without_page_faults():
     """keep_freed_memory(): big CPU tensors allocated and freed step after step fault in no new pages
-    (without it glibc trims its heap and each step faults them in again, 800 faults per round here)."""
+    (without it glibc trims its heap and every round faults them in again, about 8,000 faults here).
+    Counted per round: a rare round that faults because the host reclaimed a block is tolerated."""
     pytest.importorskip("resource")
     script = """
 import resource, torch
@@ -308,12 +309,13 @@ print(keep_freed_memory())
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):  # the first rounds grow the heap
     blocks = [torch.ones(1 << 21) for _ in range(4)]; del blocks
-before = faults()
 for _ in range(10):  # four 8 MiB tensors alive together, then freed, as a step's logits and gradients are
+    before = faults()
     blocks = [torch.ones(1 << 21) for _ in range(4)]; del blocks
-print(faults() - before)
+    print(faults() - before)
 """
-    applied, faults = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    applied, *rounds = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     if applied != "True":
         pytest.skip("the C library has no glibc mallopt")
-    assert int(faults) < 100
+    faulting = [int(n) for n in rounds if int(n) >= 100]
+    assert len(faulting) <= 2, rounds
