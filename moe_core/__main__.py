@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -68,10 +69,19 @@ def add_settings(overrides: dict, settings) -> dict:
 
 
 def require_directories(paths: dict) -> None:
-    """Each given path (flag -> path or None) is a directory or does not exist yet, checked before any work."""
+    """Each path a command will use (flag -> the path given, or None for the flag's default) is a directory
+    or does not exist yet, checked before any work. A default is named by where it came from: the
+    environment variable that set it, or the flag whose default it is."""
+    from .train import default_cache_dir, default_run_root
+
+    defaults = {"--run-root": ("MOE_CORE_RUNS", default_run_root), "--cache-dir": ("MOE_CORE_CACHE", default_cache_dir)}
     for flag, path in paths.items():
-        if path is not None and path.exists() and not path.is_dir():
-            raise ConfigError(flag, str(path), "must be a directory (it exists as a file)")
+        name = flag
+        if path is None:
+            env, default = defaults[flag]
+            name, path = (env if env in os.environ else f"{flag}'s default"), default()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(name, str(path), "must be a directory (it exists as a file)")
 
 
 def train_options(args) -> dict:

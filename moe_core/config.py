@@ -346,3 +346,19 @@ def config_hash(cfg: RunConfig, extra: dict | None = None) -> str:
         d["_extra"] = extra
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def recipe(cfg: RunConfig) -> dict[str, Any]:
+    """The settings a reader compares between profiles (shape, data, optimisation), by readable name:
+    the rows of the recipe table in the book."""
+    m, t = cfg.model, cfg.train
+    tokens_per_update = t.batch_size * t.seq_len * t.accum_steps
+    experts = (f"{m.n_experts} rank-{m.expert_rank}, top-{m.top_k}" if m.expert == "rank"
+               else f"{m.n_experts} SwiGLU of width {m.expert_d_ff}, top-{m.top_k}")
+    return {"d_model": m.d_model, "heads": m.n_heads, "layers": m.n_layers,
+            "FFN": experts if m.ffn == "moe" else f"dense, d_ff {m.d_ff}",
+            "router": "none" if m.ffn != "moe" else f"cosine, d_space {m.d_space}" if m.router == "cosine" else m.router,
+            "corpus": cfg.data.corpus, "vocabulary": cfg.data.vocab_size,
+            "context (tokens)": t.seq_len, "tokens per update": tokens_per_update, "steps": t.steps,
+            "tokens seen": tokens_per_update * t.steps, "peak lr": t.lr, "warmup steps": t.warmup_steps,
+            "weight decay": t.weight_decay, "dropout": m.dropout, "balance loss weight": t.balance_coef}

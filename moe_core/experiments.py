@@ -140,16 +140,23 @@ def loss_differences(first: RunSpec, second: RunSpec, profile: str):
     return paired_differences(batch_losses(run_dir(first, profile)), batch_losses(run_dir(second, profile)))
 
 
-def paired_gap(first: str, second: str, seeds: list[int], profile: str) -> dict:
+def paired_gap(first: str, second: str, seeds: list[int], profile: str,
+               minus: tuple[str, str] | None = None) -> dict:
     """first minus second in validation loss, each seed's runs paired on the same batches. With two or more
     seeds: the t interval of the per-seed mean differences (stats.seed_interval); with one, the paired
-    bootstrap over that seed's batches. 'basis' names which, for the verdict's text."""
+    bootstrap over that seed's batches. 'basis' names which, for the verdict's text. `minus`, a second
+    (first, second) pair, turns it into a difference of two gaps (an interaction), paired the same way."""
     from . import stats
 
-    diffs = [loss_differences(RunSpec(first, s), RunSpec(second, s), profile) for s in seeds]
+    def diffs(a: str, b: str) -> list:
+        return [loss_differences(RunSpec(a, s), RunSpec(b, s), profile) for s in seeds]
+
+    gaps = diffs(first, second)
+    if minus is not None:
+        gaps = [g - h for g, h in zip(gaps, diffs(*minus))]
     if len(seeds) == 1:
-        return {**stats.paired_bootstrap(diffs[0]), "basis": f"seed {seeds[0]}, bootstrap over its validation batches"}
-    return {**stats.seed_interval([d.mean() for d in diffs]), "basis": f"{len(seeds)} seeds, t interval over seeds"}
+        return {**stats.paired_bootstrap(gaps[0]), "basis": f"seed {seeds[0]}, bootstrap over its validation batches"}
+    return {**stats.seed_interval([g.mean() for g in gaps]), "basis": f"{len(seeds)} seeds, t interval over seeds"}
 
 
 def summarise(table: pd.DataFrame, by: str = "label") -> pd.DataFrame:

@@ -13,11 +13,13 @@ GLUE_REF = re.compile(r"\{glue:(?:text|md)\}`([A-Za-z0-9_]+)|```\{glue:figure\}\
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """The tiny book, built in a temporary folder: the checkout's own executed/ and _build/ stay as they are."""
+def built(tmp_path_factory, shared_cache):
+    """The tiny book, built in a temporary folder: the checkout's own executed/, _build/, runs and data cache
+    stay as they are."""
     out = tmp_path_factory.mktemp("book")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOE_CORE_RUNS", str(out / "runs"))
+        mp.setenv("MOE_CORE_CACHE", str(shared_cache))
         mp.setenv("MOE_BOOK_OUTPUT", str(out))
         yield book.build_book("tiny")
 

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from moe_core.config import ConfigError, RunConfig, config_hash, validate
+from moe_core.config import ConfigError, RunConfig, config_hash, recipe, validate
 from moe_core.variants import profiles, resample_hops, resolve, variants
 
 TABLE3 = ["wide", "deep", "magnitude", "asymmetric", "decoupled", "hash", "random_fixed", "top1", "linear",
@@ -27,6 +27,14 @@ def test_paper_profile_is_table_12():
     assert (t.batch_size, t.seq_len, t.accum_steps, t.steps, t.tokens_per_step) == (8, 512, 8, 50_000, 32_768)
     assert (t.lr, t.warmup_steps, t.min_lr_ratio, t.weight_decay, t.grad_clip) == (3e-4, 1000, 0.1, 0.01, 1.0)
     assert (t.beta1, t.beta2, t.eps, m.dropout, t.balance_coef) == (0.9, 0.95, 1e-8, 0.1, 0.05)
+
+
+def test_recipe_of_the_paper_profile_is_the_marathon():
+    wide = recipe(resolve("wide", "paper"))
+    assert wide["tokens per update"] == 8 * 512 * 8 and wide["tokens seen"] == 1_638_400_000  # the paper's 1.64B
+    assert (wide["FFN"], wide["peak lr"], wide["warmup steps"], wide["dropout"]) == ("1024 rank-1, top-12", 3e-4, 1000, 0.1)
+    assert recipe(resolve("indep", "smoke"))["FFN"].startswith("16 SwiGLU of width")
+    assert recipe(resolve("dense_iso_param", "paper"))["FFN"] == "dense, d_ff 1120"
 
 
 def test_smoke_keeps_the_paper_ratios():

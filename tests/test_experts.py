@@ -26,6 +26,8 @@ def outputs_and_grads(bank, path, h, logits, k):
 
 def assert_matches_loop(bank, path, n, d, m, k):
     inputs = routed_inputs(n, d, m, k, seed=m)
+    if path == "forward_grouped":  # the grouped GEMM itself, not its fallback (torch >= 2.9 has it on the CPU)
+        assert grouped_mm_supported(inputs[0].dtype, inputs[0].device, bank.w_gate, bank.w_out)
     fast = outputs_and_grads(bank, path, *inputs)
     slow = outputs_and_grads(bank, "forward_loop", *inputs)
     for a, b in zip(fast, slow):
@@ -119,16 +121,28 @@ def assert_close_to_scale(fast, slow):
 @pytest.mark.parametrize("kind,backend", [("swiglu", "grouped"), ("swiglu", "sorted"), ("swiglu", "masked"),
                                           ("rank", "masked"), ("rank", "gather")])
 def test_dispatch_matches_loop_under_bf16_autocast(device, kind, backend):
+    """Forward and backward: the gradients of the input, the routing logits and every expert weight."""
     torch.manual_seed(0)
     n_experts, k = (32, 4) if kind == "swiglu" else (256, 12)
     bank = SwiGLUExperts(32, 64, 32, n_layers=2) if kind == "swiglu" else RankExperts(256, 64, 1, n_layers=2)
     bank = bank.to(device)
-    h = torch.randn(512, 64, device=device)
-    routing = select_top_k(torch.randn(512, n_experts, device=device), k)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        if backend == "grouped" and not grouped_mm_supported(torch.bfloat16, h.device, bank.w_gate, bank.w_out):
-            pytest.skip("torch's grouped GEMM needs torch >= 2.9 (and on CUDA a Hopper-class GPU)")
-        fast = getattr(bank, f"forward_{backend}")(h, routing.idx, routing.weights)
-        slow = bank.forward_loop(h, routing.idx, routing.weights)
+    h = torch.randn(512, 64, device=device, requires_grad=True)
+    logits = torch.randn(512, n_experts, device=device, requires_grad=True)
+    cotangent = torch.randn(512, 64, device=device)
+    if backend == "grouped" and not grouped_mm_supported(torch.bfloat16, h.device, bank.w_gate, bank.w_out):
+        assert device == "cuda", "torch >= 2.9 has a grouped GEMM on the CPU"
+        pytest.skip("torch's grouped GEMM on CUDA needs a Hopper-class GPU")
+    results = []
+    for path in (f"forward_{backend}", "forward_loop"):
+        for p in [h, logits, *bank.parameters()]:
+            p.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            routing = select_top_k(logits, k)
+            out = getattr(bank, path)(h, routing.idx, routing.weights)
+        (out.float() * cotangent).sum().backward()
+        results.append([out.detach(), h.grad, logits.grad] + [p.grad for p in bank.parameters()])
+    (fast, *fast_grads), (slow, *slow_grads) = results
     assert fast.dtype == torch.bfloat16 or backend == "sorted"  # the matmuls ran in bf16 (sorted sums into fp32)
     assert_close_to_scale(fast, slow)
+    for got, expected in zip(fast_grads, slow_grads, strict=True):
+        assert_close_to_scale(got, expected)

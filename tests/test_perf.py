@@ -63,11 +63,17 @@ def test_compiled_objective_matches_eager(variant):
     torch.manual_seed(0)
     model = MoETransformer(cfg.model)
     x = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
     compiled, stats = torch.compile(Objective(model, cfg))(x, x)
+    compiled_grads = torch.autograd.grad(compiled, params, allow_unused=True)
     eager, eager_stats = Objective(model, cfg)(x, x)
-    assert compiled.requires_grad  # the compiled loss keeps its graph
+    eager_grads = torch.autograd.grad(eager, params, allow_unused=True)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(stats, eager_stats)
+    for got, expected in zip(compiled_grads, eager_grads, strict=True):  # the compiled backward too
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_compile_defaults_to_cuda_only():

@@ -150,14 +150,17 @@ def test_sigkill_at_any_point_resumes_to_the_uninterrupted_result(fault, tmp_pat
     assert_tidy(run)
 
 
-def test_sigkill_from_outside_at_a_random_moment_resumes_exactly(tmp_path, cache, reference):
+@pytest.mark.parametrize("lines", [2, 7])
+def test_sigkill_from_outside_at_an_unplanned_moment_resumes_exactly(lines, tmp_path, cache, reference):
+    """Killed from outside wherever the child happens to be once its log holds `lines` lines (of 15), and
+    a little later (a seeded delay): not at one of the fault points the other test plants."""
     config = json.dumps(CFG.to_dict())
     child = subprocess.Popen([sys.executable, "-c", CHILD, "none", config, str(tmp_path), str(cache)],
                              env={**os.environ, **ONE_THREAD}, stderr=subprocess.DEVNULL)
     metrics = store.run_dir(CFG, tmp_path) / "metrics.jsonl"
-    while not metrics.exists() and child.poll() is None:  # training has started
-        time.sleep(0.01)
-    time.sleep(random.uniform(0, 0.3))  # training lasts about 1-2 s after its first metrics line
+    while child.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < lines):
+        time.sleep(0.005)
+    time.sleep(random.Random(lines).uniform(0, 0.05))
     child.kill()
     assert child.wait() == -9, "the child finished before the kill: nothing was interrupted"
     assert not (store.run_dir(CFG, tmp_path) / "results.json").exists()
@@ -411,10 +414,31 @@ def test_fuzzed_accepted_configs_build_and_train_a_step(model, variant):
 ])
 def test_cli_rejects_bad_values_with_status_2(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOE_CORE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("MOE_CORE_CACHE", str(tmp_path / "cache"))
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: invalid") and message in err
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # no data prepared either
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+@pytest.mark.parametrize("where,name", [("flag", "--run-root"), ("flag", "--cache-dir"),
+                                        ("env", "MOE_CORE_RUNS"), ("env", "MOE_CORE_CACHE")])
+def test_run_and_cache_folders_that_are_files_are_rejected_before_any_work(command, where, name, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Whether the folder comes from a flag or from the environment, the error names that source."""
+    monkeypatch.setenv("MOE_CORE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("MOE_CORE_CACHE", str(tmp_path / "cache"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    argv = [command, "--variant", "wide", "--profile", "tiny", "--steps", "1"]
+    if where == "flag":
+        argv += [name, str(a_file)]
+    else:
+        monkeypatch.setenv(name, str(a_file))
+    assert main(argv) == 2
+    assert f"invalid {name}='{a_file}': must be a directory (it exists as a file)" in capsys.readouterr().err
+    assert a_file.read_text() == "" and not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_bad_kernel_switch_is_rejected_before_any_work(tmp_path, capsys, monkeypatch):

@@ -220,3 +220,16 @@ def test_paired_gap_pairs_each_seed_and_takes_the_seeds_as_units(monkeypatch):
     assert several == pytest.approx({**seed_interval([0.2, 0.3, 0.7]), "basis": several["basis"]})
     one = experiments.paired_gap("a", "b", [2], "tiny")
     assert one["mean"] == pytest.approx(0.3) and one["basis"].startswith("seed 2, bootstrap")
+
+
+def test_paired_gap_minus_a_second_pair_is_the_interaction_per_seed(monkeypatch):
+    from moe_core import experiments
+
+    losses = {("a", 1): 0.5, ("b", 1): 0.1, ("c", 1): 0.2, ("d", 1): 0.1,
+              ("a", 2): 0.9, ("b", 2): 0.2, ("c", 2): 0.3, ("d", 2): 0.4}
+    monkeypatch.setattr(experiments, "loss_differences", lambda first, second, profile: np.array(
+        [losses[first.variant, first.seed] - losses[second.variant, second.seed]] * 2))
+    gap = experiments.paired_gap("a", "b", [1, 2], "tiny", minus=("c", "d"))  # seed 1: 0.4 - 0.1; seed 2: 0.7 + 0.1
+    assert gap == pytest.approx({**seed_interval([0.3, 0.8]), "basis": gap["basis"]})
+    one = experiments.paired_gap("a", "b", [2], "tiny", minus=("c", "d"))
+    assert one["mean"] == pytest.approx(0.8)

@@ -179,7 +179,7 @@ def test_cli_set_overrides_any_key():
 def test_fused_micro_batches_take_the_sequential_step(variant, tmp_path, cache):
     """train.micro_batches=fused runs the accum_steps micro-batches as one batch with the balance loss
     still per micro-batch: the same update as accumulating them one by one, up to float rounding."""
-    grads, stats = [], []
+    grads, stats, calls = [], [], {}
     for mode in ("sequential", "fused"):
         cfg = resolve(variant, "tiny", overrides={"train": {"accum_steps": 3, "micro_batches": mode,
                                                             "balance_events": "per_layer"}})
@@ -187,7 +187,11 @@ def test_fused_micro_batches_take_the_sequential_step(variant, tmp_path, cache):
         named = list(trainer.model.named_parameters())
         grads.append({})  # what the optimizer would apply (compared before Adam's sign-like first step)
         trainer.optimizer.step = lambda: grads[-1].update({k: p.grad.clone() for k, p in named if p.grad is not None})
+        step_fn, calls[mode] = trainer.step_fn, []
+        trainer.step_fn = lambda x, y, groups, log=calls[mode], fn=step_fn: log.append((tuple(x.shape), groups)) or fn(x, y, groups)
         stats.append(trainer.train_step(0))
+    b, t = cfg.train.batch_size, cfg.train.seq_len
+    assert calls == {"sequential": [((b, t), 1)] * 3, "fused": [((3 * b, t), 3)]}  # fused really is one call
     for key in ("loss", "balance", "grad_norm"):
         torch.testing.assert_close(stats[1][key], stats[0][key], rtol=1e-5, atol=1e-6)
     assert grads[0].keys() == grads[1].keys() and grads[0]
