@@ -33,7 +33,7 @@ from tqdm import tqdm  # text bars: a static book cannot show widgets
 
 from . import cpu_kernels, store
 from .config import ConfigError, RunConfig, TrainConfig, validate
-from .data import TrainStream, prepare_data, val_batches
+from .data import TrainStream, count_val_batches, prepare_data, val_batches
 from .evaluate import autocast_for, evaluate, matmul_dtype, resolve_device, routing_telemetry
 from .model import MoETransformer
 from .params import count_parameters
@@ -271,10 +271,11 @@ class Trainer:
             cpu_kernels.available()  # a first build (seconds) happens here, not in the first timed step
         self.data = self.load_data(cache_dir)
         self.stream = TrainStream(self.data.train, t.seq_len, t.batch_size, cfg.seed, t.accum_steps)
-        self.val = self.validation_slice("train.eval_batches", t.eval_batch_size, t.eval_batches)
+        self.check_validation_size()
+        self.val = val_batches(self.data.validation, t.seq_len, t.eval_batch_size, t.eval_batches)
         self.telemetry = None
         if cfg.model.ffn == "moe" and t.telemetry_seqs:
-            self.telemetry = self.validation_slice("train.telemetry_seqs", t.telemetry_seqs, 1)[0][0]
+            self.telemetry = val_batches(self.data.validation, t.seq_len, t.telemetry_seqs, 1)[0][0]
         torch.manual_seed(cfg.seed)
         self.model = MoETransformer(cfg.model).to(self.device)
         self.optimizer = make_optimizer(self.model, t, self.device)
@@ -302,11 +303,18 @@ class Trainer:
             dist.barrier()
         return data
 
-    def validation_slice(self, key: str, batch_size: int, n_batches: int):
-        try:
-            return val_batches(self.data.validation, self.cfg.train.seq_len, batch_size, n_batches)
-        except ValueError as e:  # the corpus decides how many validation sequences exist
-            raise ConfigError(key, getattr(self.cfg.train, key.split(".")[1]), str(e)) from e
+    def check_validation_size(self) -> None:
+        """The corpus decides how many validation sequences exist: a setting asking for more is refused by
+        name, before the model is built (the batch size first: too large, it leaves no batch at all)."""
+        t = self.cfg.train
+        held = count_val_batches(self.data.validation, t.seq_len, 1)
+        limits = {"train.eval_batch_size": (t.eval_batch_size, held, ""),
+                  "train.eval_batches": (t.eval_batches, held // t.eval_batch_size, f" batches of {t.eval_batch_size}"),
+                  "train.telemetry_seqs": (t.telemetry_seqs, held, "")}
+        for key, (value, most, unit) in limits.items():
+            if value > most:
+                raise ConfigError(key, value, f"the validation split holds {held} sequences of {t.seq_len} tokens, "
+                                              f"so at most {most}{unit}")
 
     def log(self, record: dict) -> None:
         with open(self.run / "metrics.jsonl", "a") as f:

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from moe_core.config import ConfigError, RunConfig, config_hash, recipe, validate
+from moe_core.config import CHOICES, ConfigError, ModelConfig, RunConfig, config_hash, recipe, validate
 from moe_core.variants import profiles, resample_hops, resolve, variants
 
 TABLE3 = ["wide", "deep", "magnitude", "asymmetric", "decoupled", "hash", "random_fixed", "top1", "linear",
@@ -144,3 +144,11 @@ def test_k_tau_cells_take_a_number_or_learned():
     assert k_tau_spec(24, "learned").overrides["model"]["learn_tau"]
     with pytest.raises(ValueError, match="tau='learnt': give a number or 'learned'"):
         k_tau_spec(12, "learnt")
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_every_string_option_names_its_choices_when_misspelt(name):
+    section = "model" if name in {f.name for f in dataclasses.fields(ModelConfig)} else "train"
+    with pytest.raises(ConfigError) as err:
+        resolve("wide", "tiny", overrides={section: {name: "nonsense"}})
+    assert str(err.value) == f"invalid {section}.{name}='nonsense': choose one of {', '.join(CHOICES[name])}"

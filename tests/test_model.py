@@ -288,6 +288,15 @@ def test_every_variant_trains_one_step_at_tiny(variant):
     assert torch.isfinite(loss)
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None and "kinematic" not in n]
     assert not unused, f"{variant}: parameters without gradient: {unused}"
+    # the balance loss alone reaches the routers; the language-modelling loss must too, through the gate
+    # weights (except top-1, whose one renormalised weight is 1, and LoRA's B beside its zero-initialised A)
+    model.zero_grad()
+    model(x, x).loss.backward()
+    routers = {n: p for n, p in model.named_parameters()
+               if n.startswith("routers.") and p.requires_grad and "kinematic" not in n}  # the paper's unused vectors
+    silent = [n for n, p in routers.items() if (p.grad is None or not p.grad.any()) and not n.endswith("lora_b")]
+    assert not silent or cfg.model.top_k == 1, f"{variant}: routers without a language-modelling gradient: {silent}"
+    assert bool(routers) == (cfg.model.ffn == "moe" and cfg.model.router != "hash" and not cfg.model.router_frozen)
 
 
 @pytest.mark.parametrize("head_dim", [8, 32])

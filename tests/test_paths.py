@@ -87,7 +87,7 @@ def test_unique_paths_curve():
     assert counts[-1] == path_statistics(top1)["unique_paths"]
     for n, c in curve:
         assert c == path_statistics(top1[:n])["unique_paths"] if n else c == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"points must lie in \[0, 2000\], got \[2001\]"):
         unique_paths_curve(top1, [2001])
 
 
@@ -99,7 +99,7 @@ def test_block_path_entropy():
     constant_block = top1.clone()
     constant_block[:, 2:] = 5
     assert block_path_entropy(constant_block, 2)[1] == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="block=3 does not divide the 4 layers"):
         block_path_entropy(top1, 3)
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_expert_usage_entropy_and_loads():
     assert loads[1] == [0, 0, 0, 1.0, 0, 0, 0, 0]
     topk = [torch.tensor([[0, 1], [0, 2]]), torch.tensor([[3, 2], [2, 1]])]
     assert expert_loads(topk, 4) == [[0.5, 0.25, 0.25, 0.0], [0.0, 0.25, 0.5, 0.25]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expert id 7 is out of range for n_experts=2"):
         expert_loads(top1, 2)
 
 
@@ -125,7 +125,7 @@ def test_token_routing_entropy():
     uniform = torch.full((4, 8), 1 / 8)
     half = torch.tensor([[0.5, 0.5, 0, 0]])
     assert token_routing_entropy([one_hot, uniform, half]) == [0.0, pytest.approx(3.0), pytest.approx(1.0)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="layer 0 has no router probabilities"):
         token_routing_entropy([None])
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_split_by_block():
     ones, whole = split_by_block(per_pair, 1), split_by_block(per_pair, 4)
     assert math.isnan(ones["within_block"]) and ones["across_blocks"] == pytest.approx(4 / 3)
     assert whole["within_block"] == pytest.approx(4 / 3) and math.isnan(whole["across_blocks"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="block=3 does not divide the 4 layers"):
         split_by_block(per_pair, 3)
 
 

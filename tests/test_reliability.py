@@ -421,6 +421,36 @@ def test_cli_rejects_bad_values_with_status_2(argv, message, tmp_path, capsys, m
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # no data prepared either
 
 
+@pytest.mark.parametrize("setting,message", [
+    ("train.eval_batches=100000", "so at most {batches} batches of 8"),
+    ("train.eval_batch_size=100000", "so at most {sequences}"),  # blamed, not eval_batches: no batch fits
+    ("train.telemetry_seqs=100000", "so at most {sequences}"),
+])
+def test_validation_settings_beyond_the_split_are_refused_by_name(setting, message, tmp_path, cache, capsys):
+    """How many validation sequences exist depends on the corpus, so this is checked once the data is
+    prepared, still before any model is built or run directory made."""
+    from moe_core.data import count_val_batches, prepare_data
+
+    sequences = count_val_batches(prepare_data("wiki-vital", 512, cache).validation, 32, 1)
+    argv = ["train", "--variant", "wide", "--profile", "tiny", "--set", setting, "--run-root", str(tmp_path / "runs"),
+            "--cache-dir", str(cache)]
+    assert main(argv) == 2
+    key, value = setting.split("=")
+    assert (f"invalid {key}={value}: the validation split holds {sequences} sequences of 32 tokens, "
+            + message.format(batches=sequences // 8, sequences=sequences)) in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_of_an_unfinished_run_and_a_bad_rank_are_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "run").mkdir()
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    assert f"invalid run_dir='{tmp_path / 'run'}': holds no finished run (no final.safetensors)" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "x")
+    assert main(["train", "--variant", "wide", "--profile", "tiny", "--run-root", str(tmp_path / "runs")]) == 2
+    assert "invalid RANK='x': must be an integer (torchrun sets it)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("command", ["train", "sweep"])
 @pytest.mark.parametrize("where,name", [("flag", "--run-root"), ("flag", "--cache-dir"),
                                         ("env", "MOE_CORE_RUNS"), ("env", "MOE_CORE_CACHE")])

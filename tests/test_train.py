@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from moe_core import store
 from moe_core.model import MoETransformer
 from moe_core.routing import router_z_loss, switch_balance_loss
-from moe_core.train import Objective, Trainer, auxiliary_loss, lr_at, optimizer_step, train
+from moe_core.train import Objective, Trainer, autocast_for, auxiliary_loss, lr_at, optimizer_step, train
 from moe_core.variants import resolve
 
 
@@ -274,11 +274,28 @@ def test_bf16_autocast_trains_on_cpu_close_to_fp32(variant, tmp_path, cache):
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05, losses
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_bf16_training(tmp_path, cache):
-    cfg = resolve("deep", "tiny", overrides={"train": {"steps": 10, "device": "cuda"}})
-    result = train(cfg, tmp_path, cache, progress=False)
-    assert result["device"].startswith("cuda") and result["val_loss"] < 6.3
+@pytest.mark.parametrize("variant", ["wide", "deep", "path_b4"])
+def test_bf16_autocast_gradients_stay_close_to_fp32(variant):
+    """Every parameter's gradient of one step under bf16 autocast, against fp32: relative error under 0.08
+    (measured at most 0.028 here, the routers' included). A bug confined to the MoE (a wrong gate, an expert
+    without gradient) moves the final loss of a short run far less than the 0.05 the test above allows."""
+    cfg = resolve(variant, "tiny")
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model)
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, cfg.model.vocab_size, (8, 32), generator=g) for _ in range(2))
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        model.zero_grad()
+        with autocast_for(torch.device("cpu"), precision):
+            loss, _ = Objective(model, cfg)(x, y)
+        loss.backward()
+        grads[precision] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["bf16"].keys() == grads["fp32"].keys() and any(".experts." in n for n in grads["fp32"])
+    for name, reference in grads["fp32"].items():
+        assert reference.norm() > 0, name
+        error = ((grads["bf16"][name] - reference).norm() / reference.norm()).item()
+        assert error < 0.08, (name, error)
 
 
 def test_sweep_trains_only_its_shard(tmp_path, cache, capsys):
