@@ -33,7 +33,7 @@ import moe_core
 from .config import ConfigError
 from .data import CORPORA
 from .store import atomic_write
-from .variants import profiles, resolve, variants
+from .variants import paper_reference, profiles, resolve, variants
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS, PLANS = ROOT / "notebooks", ROOT / "book" / "plans"
@@ -436,7 +436,7 @@ _RECORD = "application/papermill.record/text/markdown"
 
 def collect_verdicts(names: list[str], executed: Path | None = None):
     """Every verdict glued by the executed notebooks `names` (in `executed`, default executed_dir()), in
-    order: a DataFrame, one row per claim."""
+    order: a DataFrame, one row per claim, with the paper's claim it tests (moe_core/reference.yaml)."""
     import pandas as pd
 
     executed, rows = executed or executed_dir(), []
@@ -450,7 +450,10 @@ def collect_verdicts(names: list[str], executed: Path | None = None):
                 match = _VERDICT.match(output.get("data", {}).get(_RECORD, "")) if key.startswith("verdict_") else None
                 if match:
                     rows.append({"chapter": name, "claim": key.removeprefix("verdict_"), **match.groupdict()})
-    return pd.DataFrame(rows, columns=["chapter", "claim", "outcome", "reason"])
+    statements = paper_reference()["verdict_claims"]  # where each claim is made, and what it says
+    for row in rows:
+        row["paper_claim"], row["statement"] = statements.get(row["claim"], ("(not in moe_core/reference.yaml)", ""))
+    return pd.DataFrame(rows, columns=["chapter", "claim", "paper_claim", "statement", "outcome", "reason"])
 
 
 def glue_figure(key: str, fig) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from moe_core import book
 from moe_core.config import ConfigError
+from moe_core.variants import paper_reference
 
 GLUE_REF = re.compile(r"\{glue:(?:text|md)\}`([A-Za-z0-9_]+)|```\{glue:figure\}\s+([A-Za-z0-9_]+)")
 
@@ -83,6 +84,9 @@ def test_summary_gathers_every_verdict(built):
                 if key.startswith("verdict_")}
     assert set(zip(verdicts.chapter, verdicts.claim)) == expected and len(verdicts) == len(expected)
     assert set(verdicts.outcome) <= {"agrees", "disagrees", "undecided"} and verdicts.reason.str.len().min() > 0
+    known = paper_reference()["verdict_claims"]  # every verdict says which claim of which paper it tests
+    assert set(verdicts.claim) <= set(known), set(verdicts.claim) - set(known)
+    assert list(verdicts.statement) == [known[c][1] for c in verdicts.claim] and verdicts.statement.str.len().min() > 0
 
 
 def test_collect_verdicts_names_a_missing_chapter(tmp_path):
