@@ -72,9 +72,9 @@ def require_directories(paths: dict) -> None:
     """Each path a command will use (flag -> the path given, or None for the flag's default) is a directory
     or does not exist yet, checked before any work. A default is named by where it came from: the
     environment variable that set it, or the flag whose default it is."""
-    from .train import default_cache_dir, default_run_root
+    from .train import CACHE_ENV, RUNS_ENV, default_cache_dir, default_run_root
 
-    defaults = {"--run-root": ("MOE_CORE_RUNS", default_run_root), "--cache-dir": ("MOE_CORE_CACHE", default_cache_dir)}
+    defaults = {"--run-root": (RUNS_ENV, default_run_root), "--cache-dir": (CACHE_ENV, default_cache_dir)}
     for flag, path in paths.items():
         name = flag
         if path is None:

@@ -353,8 +353,11 @@ def recipe(cfg: RunConfig) -> dict[str, Any]:
     the rows of the recipe table in the book."""
     m, t = cfg.model, cfg.train
     tokens_per_update = t.batch_size * t.seq_len * t.accum_steps
-    experts = (f"{m.n_experts} rank-{m.expert_rank}, top-{m.top_k}" if m.expert == "rank"
-               else f"{m.n_experts} SwiGLU of width {m.expert_d_ff}, top-{m.top_k}")
+    kind = {"rank": f"rank-{m.expert_rank}", "swiglu": f"SwiGLU of width {m.expert_d_ff}", "static": "static"}[m.expert]
+    hops = list(m.hops_per_layer())
+    trajectory = ("" if set(hops) == {1} else f", {hops[0]} hops" if len(set(hops)) == 1
+                  else f", hops per layer {'-'.join(map(str, hops))}")
+    experts = f"{m.n_experts} {kind}, top-{m.top_k}{trajectory}"
     return {"d_model": m.d_model, "heads": m.n_heads, "layers": m.n_layers,
             "FFN": experts if m.ffn == "moe" else f"dense, d_ff {m.d_ff}",
             "router": "none" if m.ffn != "moe" else f"cosine, d_space {m.d_space}" if m.router == "cosine" else m.router,

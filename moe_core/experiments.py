@@ -128,6 +128,13 @@ def metrics(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train_log, eval_log
 
 
+def loss_spikes(loss: pd.Series, ratio: float = 1.1) -> int:
+    """Spike events in a training-loss log: runs of consecutive logged points above `ratio` times the running
+    minimum (one spike that lasts several logged steps counts once)."""
+    above = loss > ratio * loss.cummin()
+    return int((above & ~above.shift(fill_value=False)).sum())
+
+
 def batch_losses(run: str | Path) -> list[float]:
     """Per-batch validation losses of a run's final model (the bootstrap's paired units)."""
     return store.read_json(Path(run) / "val_batch_losses.json")

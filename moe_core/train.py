@@ -48,12 +48,15 @@ class RunFailed(RuntimeError):
     """A run stopped for good (a non-finite loss); its status.json says why and where."""
 
 
+RUNS_ENV, CACHE_ENV = "MOE_CORE_RUNS", "MOE_CORE_CACHE"  # where runs and the data cache go, unless a flag says
+
+
 def default_run_root() -> Path:
-    return Path(os.environ.get("MOE_CORE_RUNS", "runs"))
+    return Path(os.environ.get(RUNS_ENV, "runs"))
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MOE_CORE_CACHE", ".cache/moe_core"))
+    return Path(os.environ.get(CACHE_ENV, ".cache/moe_core"))
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -308,9 +311,10 @@ class Trainer:
         name, before the model is built (the batch size first: too large, it leaves no batch at all)."""
         t = self.cfg.train
         held = count_val_batches(self.data.validation, t.seq_len, 1)
-        limits = {"train.eval_batch_size": (t.eval_batch_size, held, ""),
-                  "train.eval_batches": (t.eval_batches, held // t.eval_batch_size, f" batches of {t.eval_batch_size}"),
-                  "train.telemetry_seqs": (t.telemetry_seqs, held, "")}
+        limits = {"train.eval_batch_size": (t.eval_batch_size, held, " sequences per batch"),
+                  "train.eval_batches": (t.eval_batches, held // t.eval_batch_size, f" batches of {t.eval_batch_size}")}
+        if self.cfg.model.ffn == "moe":  # a dense model records no routing
+            limits["train.telemetry_seqs"] = (t.telemetry_seqs, held, " sequences")
         for key, (value, most, unit) in limits.items():
             if value > most:
                 raise ConfigError(key, value, f"the validation split holds {held} sequences of {t.seq_len} tokens, "

@@ -35,6 +35,8 @@ def test_recipe_of_the_paper_profile_is_the_marathon():
     assert (wide["FFN"], wide["peak lr"], wide["warmup steps"], wide["dropout"]) == ("1024 rank-1, top-12", 3e-4, 1000, 0.1)
     assert recipe(resolve("indep", "smoke"))["FFN"].startswith("16 SwiGLU of width")
     assert recipe(resolve("dense_iso_param", "paper"))["FFN"] == "dense, d_ff 1120"
+    assert recipe(resolve("static_deep", "paper"))["FFN"] == "1024 static, top-4, 3 hops"
+    assert recipe(resolve("asymmetric", "tiny"))["FFN"].startswith("32 rank-1, top-4, hops per layer ")
 
 
 def test_smoke_keeps_the_paper_ratios():

@@ -222,29 +222,6 @@ def test_cross_entropy_kernel_matches_torch_in_fp64(rows, classes, scale):
 
 
 @needs_kernel
-def test_kernels_split_rows_over_threads_without_changing_a_bit():
-    """The kernels hand rows to at::parallel_for (chunks of 256 rows for top-k, 64 for cross-entropy), which
-    splits only when it has threads: one, two and three threads give the same bits, and the reference's."""
-    from moe_core.train import cpu_threads
-
-    g = torch.Generator().manual_seed(5)
-    scores, logits = torch.randn(1031, 64, generator=g), torch.randn(1031, 300, generator=g)
-    targets = torch.randint(0, 300, (1031,), generator=g)
-    results = []
-    for threads in (1, 2, 3):
-        with cpu_threads(threads):
-            x = logits.clone().requires_grad_()
-            loss = cpu_kernels.cross_entropy(x, targets)
-            loss.backward()
-            results.append((cpu_kernels.topk_indices(scores, 12), loss.detach(), x.grad))
-    assert torch.equal(results[0][0], reference_top_k(scores, 12))
-    torch.testing.assert_close(results[0][1].double(), fp64_cross_entropy(logits, targets, 1.0)[0], rtol=1e-6, atol=1e-6)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
-
-
-@needs_kernel
 def test_cross_entropy_kernel_exponentials_are_accurate():
     """One row spanning e^0 .. e^-87: every probability in fp32's normal range within 4e-7 relative of fp64
     (about 3 ulp), and exponentials below 2^-126 flushed to 0."""

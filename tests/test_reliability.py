@@ -423,8 +423,8 @@ def test_cli_rejects_bad_values_with_status_2(argv, message, tmp_path, capsys, m
 
 @pytest.mark.parametrize("setting,message", [
     ("train.eval_batches=100000", "so at most {batches} batches of 8"),
-    ("train.eval_batch_size=100000", "so at most {sequences}"),  # blamed, not eval_batches: no batch fits
-    ("train.telemetry_seqs=100000", "so at most {sequences}"),
+    ("train.eval_batch_size=100000", "so at most {sequences} sequences per batch"),  # blamed, not eval_batches
+    ("train.telemetry_seqs=100000", "so at most {sequences} sequences"),
 ])
 def test_validation_settings_beyond_the_split_are_refused_by_name(setting, message, tmp_path, cache, capsys):
     """How many validation sequences exist depends on the corpus, so this is checked once the data is

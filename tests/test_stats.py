@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_core.experiments import summarise
+from moe_core.experiments import loss_spikes, summarise
 from moe_core.stats import (bootstrap_means, equivalence_counts, paired_bootstrap, paired_differences,
                             pairwise_equivalence, ppl_gap_in_ce, seed_interval, seed_tost, tost)
 
@@ -233,3 +233,9 @@ def test_paired_gap_minus_a_second_pair_is_the_interaction_per_seed(monkeypatch)
     assert gap == pytest.approx({**seed_interval([0.3, 0.8]), "basis": gap["basis"]})
     one = experiments.paired_gap("a", "b", [2], "tiny", minus=("c", "d"))
     assert one["mean"] == pytest.approx(0.8)
+
+
+def test_loss_spikes_count_events_not_points():
+    loss = pd.Series([5.0, 4.0, 4.5, 4.6, 3.9, 3.8, 4.3, 3.7, 3.6])  # 4.5-4.6: one event; 4.3: another
+    assert loss_spikes(loss) == 2 and loss_spikes(loss, ratio=1.2) == 0
+    assert loss_spikes(pd.Series([3.0, 2.0, 1.0])) == 0
