@@ -13,14 +13,16 @@ def routed_inputs(n, d, m, k, seed):
     return h, logits, k
 
 
-def outputs_and_grads(bank, path, h, logits, k):
-    """Route, run one path with a fixed random cotangent; return output and every gradient."""
+def outputs_and_grads(bank, path, h, logits, k, autocast: torch.dtype | None = None):
+    """Route, run one path (under autocast to `autocast`, if given) with a fixed random cotangent; return
+    output and every gradient."""
     for p in [h, logits, *bank.parameters()]:
         p.grad = None
-    r = select_top_k(logits, k)
-    out = getattr(bank, path)(h, r.idx, r.weights)
-    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    (out * cotangent).sum().backward()
+    with torch.autocast(h.device.type, dtype=autocast, enabled=autocast is not None):
+        r = select_top_k(logits, k)
+        out = getattr(bank, path)(h, r.idx, r.weights)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    (out.float() * cotangent).sum().backward()
     return [out.detach(), h.grad.clone(), logits.grad.clone()] + [p.grad.clone() for p in bank.parameters()]
 
 
@@ -128,20 +130,11 @@ def test_dispatch_matches_loop_under_bf16_autocast(device, kind, backend):
     bank = bank.to(device)
     h = torch.randn(512, 64, device=device, requires_grad=True)
     logits = torch.randn(512, n_experts, device=device, requires_grad=True)
-    cotangent = torch.randn(512, 64, device=device)
     if backend == "grouped" and not grouped_mm_supported(torch.bfloat16, h.device, bank.w_gate, bank.w_out):
         assert device == "cuda", "torch >= 2.9 has a grouped GEMM on the CPU"
         pytest.skip("torch's grouped GEMM on CUDA needs a Hopper-class GPU")
-    results = []
-    for path in (f"forward_{backend}", "forward_loop"):
-        for p in [h, logits, *bank.parameters()]:
-            p.grad = None
-        with torch.autocast(device, dtype=torch.bfloat16):
-            routing = select_top_k(logits, k)
-            out = getattr(bank, path)(h, routing.idx, routing.weights)
-        (out.float() * cotangent).sum().backward()
-        results.append([out.detach(), h.grad, logits.grad] + [p.grad for p in bank.parameters()])
-    (fast, *fast_grads), (slow, *slow_grads) = results
+    (fast, *fast_grads), (slow, *slow_grads) = (outputs_and_grads(bank, path, h, logits, k, autocast=torch.bfloat16)
+                                                for path in (f"forward_{backend}", "forward_loop"))
     assert fast.dtype == torch.bfloat16 or backend == "sorted"  # the matmuls ran in bf16 (sorted sums into fp32)
     assert_close_to_scale(fast, slow)
     for got, expected in zip(fast_grads, slow_grads, strict=True):
