@@ -128,9 +128,22 @@ def metrics(run: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train_log, eval_log
 
 
+def step_losses(train_log: pd.DataFrame) -> pd.Series:
+    """The training loss of every step, indexed by step, from a run's training log (`metrics(run)[0]`): each
+    line holds the losses of the steps since the line before. Lines written before they held them give
+    their own step's loss only."""
+    windows = train_log["step_losses"] if "step_losses" in train_log else [None] * len(train_log)
+    steps, losses = [], []
+    for step, loss, window in zip(train_log["step"], train_log["loss"], windows):
+        window = window if isinstance(window, list) else [loss]
+        steps += range(int(step) - len(window) + 1, int(step) + 1)
+        losses += window
+    return pd.Series(losses, index=steps, name="loss")
+
+
 def loss_spikes(loss: pd.Series, ratio: float = 1.1) -> int:
-    """Spike events in a training-loss log: runs of consecutive logged points above `ratio` times the running
-    minimum (one spike that lasts several logged steps counts once)."""
+    """Spike events in a training-loss log: runs of consecutive points above `ratio` times the running
+    minimum (one spike that lasts several steps counts once)."""
     above = loss > ratio * loss.cummin()
     return int((above & ~above.shift(fill_value=False)).sum())
 

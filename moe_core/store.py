@@ -4,7 +4,7 @@
         .lock                held (fcntl.flock) by the one process training the run
         config.json          the resolved RunConfig (+ versions that enter the hash)
         status.json          running | paused | failed (with the reason) | finished
-        metrics.jsonl        one JSON object per logged step / evaluation
+        metrics.jsonl        one JSON object per logged step (with every step's loss since the last) / evaluation
         ckpt-<step>.safetensors + ckpt-<step>.json   model and optimizer; JSON state + sha256
         final.safetensors    final weights
         val_batch_losses.json  per-batch validation losses of the final model (bootstrap units)

@@ -290,6 +290,7 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_len)
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)  # every step since `checked` so far
         self.checked, self.train_seconds = 0, 0.0
+        self.step_losses: list[torch.Tensor] = []  # each step's loss since the last log line, still on the device
 
     def peak_flops(self) -> float:
         """The matmul peak MFU is measured against: this device, the training dtype, measured once per process."""
@@ -336,6 +337,7 @@ class Trainer:
             meta, tensors = found
             store.restore_checkpoint(meta, tensors, self.model, self.optimizer)
             self.train_seconds, metrics_bytes = meta["train_seconds"], meta["metrics_bytes"]
+            self.step_losses = [torch.tensor(v, device=self.device) for v in meta.get("step_losses", [])]
         path = self.run / "metrics.jsonl"
         if self.world.main and path.exists():
             kept = path.read_bytes()[:metrics_bytes]
@@ -362,7 +364,8 @@ class Trainer:
         self.check_finite(step)
         if self.world.main:
             metrics = self.run / "metrics.jsonl"
-            state = {"train_seconds": self.train_seconds, "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
+            state = {"train_seconds": self.train_seconds, "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
+                     "step_losses": [float(v) for v in self.step_losses]}  # so a resumed run's next log line is whole
             store.save_checkpoint(self.run, step, self.model, self.optimizer, state)
             self.write_running_status(step)
 
@@ -439,6 +442,7 @@ class Trainer:
                     return None
                 stats = self.train_step(step)
                 self.finite &= torch.isfinite(stats["loss"]) & torch.isfinite(stats["grad_norm"])
+                self.step_losses.append(stats["loss"])
                 tokens_done += t.tokens_per_step
                 done = step + 1
                 if done % log_every == 0 or done == t.steps:
@@ -464,12 +468,15 @@ class Trainer:
         return self.finish() if main else None
 
     def log_progress(self, done: int, stats: dict, tokens: int, seconds: float, bar) -> None:
-        """One training log line (rank 0) and the progress bar's figures: the step's stats, and the throughput
-        and MFU of the `tokens` trained in `seconds` since the last line."""
+        """One training log line (rank 0) and the progress bar's figures: the step's stats, the loss of every
+        step since the last line (`step_losses`, this step's last: spikes between lines stay visible), and the
+        throughput and MFU of the `tokens` trained in `seconds` since the last line."""
         self.train_seconds += seconds
         tokens_per_s = tokens / seconds
-        record = {"step": done, **{k: float(v) for k, v in stats.items()}, "tokens_per_s": tokens_per_s,
+        record = {"step": done, **{k: float(v) for k, v in stats.items()},
+                  "step_losses": torch.stack(self.step_losses).tolist(), "tokens_per_s": tokens_per_s,
                   "mfu": tokens_per_s * self.flops_per_token / self.peak_flops(), "train_seconds": self.train_seconds}
+        self.step_losses = []
         if self.world.main:
             self.log(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{math.exp(min(record['loss'], 50)):.1f}",

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moe_core.experiments import loss_spikes, summarise
+from moe_core.experiments import loss_spikes, step_losses, summarise
 from moe_core.stats import (bootstrap_means, equivalence_counts, paired_bootstrap, paired_differences,
                             pairwise_equivalence, ppl_gap_in_ce, seed_interval, seed_tost, tost)
 
@@ -239,3 +239,13 @@ def test_loss_spikes_count_events_not_points():
     loss = pd.Series([5.0, 4.0, 4.5, 4.6, 3.9, 3.8, 4.3, 3.7, 3.6])  # 4.5-4.6: one event; 4.3: another
     assert loss_spikes(loss) == 2 and loss_spikes(loss, ratio=1.2) == 0
     assert loss_spikes(pd.Series([3.0, 2.0, 1.0])) == 0
+
+
+def test_step_losses_unpack_each_lines_steps_and_read_older_lines_as_one_step():
+    log = pd.DataFrame({"step": [2, 3, 6], "loss": [4.0, 3.5, 3.0],
+                        "step_losses": [None, [3.5], [3.2, 9.0, 3.0]]})  # the first line predates the field
+    every = step_losses(log)
+    assert every.index.tolist() == [2, 3, 4, 5, 6] and every.tolist() == [4.0, 3.5, 3.2, 9.0, 3.0]
+    assert loss_spikes(every) == 1 and loss_spikes(log["loss"]) == 0  # the spike lies between two lines
+    old = step_losses(log.drop(columns="step_losses"))
+    assert old.index.tolist() == [2, 3, 6] and old.tolist() == [4.0, 3.5, 3.0]

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_core import store
+from moe_core.experiments import metrics, step_losses
 from moe_core.model import MoETransformer
 from moe_core.routing import router_z_loss, switch_balance_loss
 from moe_core.train import Objective, Trainer, autocast_for, auxiliary_loss, lr_at, optimizer_step, train
@@ -59,6 +60,26 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, cache):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = lambda root: (store.run_dir(cfg, root) / "metrics.jsonl").read_text()
     assert lines(tmp_path / "a") .count('"step": 8,') == lines(tmp_path / "b").count('"step": 8,')
+
+
+def test_every_steps_loss_is_logged_and_survives_a_resume(tmp_path, cache):
+    """Past 400 steps the log has a line every few steps; each line carries the losses of the steps since
+    the line before, and a run paused between two lines writes the same log as one trained straight."""
+    cfg = resolve("dense_iso_param", "tiny", overrides={"train": {"steps": 402, "checkpoint_every": 1000,
+                                                                  "eval_every": 1000}})
+    train(cfg, tmp_path / "a", cache, progress=False)
+    assert train(cfg, tmp_path / "b", cache, progress=False, stop_at=201) is None  # lines at even steps
+    assert len(store.read_json(store.run_dir(cfg, tmp_path / "b") / "ckpt-0000201.json")["step_losses"]) == 1
+    train(cfg, tmp_path / "b", cache, progress=False)
+    logs = [metrics(store.run_dir(cfg, tmp_path / root))[0] for root in ("a", "b")]
+    timing = ["tokens_per_s", "mfu", "train_seconds"]
+    assert logs[0].drop(columns=timing).equals(logs[1].drop(columns=timing))
+    log = logs[0]
+    assert log["step"].tolist() == list(range(2, 403, 2))
+    assert all(len(w) == 2 and w[-1] == loss for w, loss in zip(log["step_losses"], log["loss"]))
+    every = step_losses(log)
+    assert every.index.tolist() == list(range(1, 403)) and every[402] == log["loss"].iloc[-1]
+    assert every.loc[log["step"]].tolist() == log["loss"].tolist()
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, cache):
