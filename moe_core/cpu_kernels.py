@@ -5,10 +5,12 @@
 - `cross_entropy` replaces F.cross_entropy in the language-modelling loss (csrc/cross_entropy.cpp: one
   exponential per logit, not torch's two; the same loss to float rounding).
 
-The first call in a fresh environment compiles them (about 15 s, once; later processes load the cached
-library). Where they cannot be built (no C++ compiler or ninja) `available()` is False, with one warning
-saying why, and the callers fall back to torch operators. The environment variable MOE_CORE_CPU_KERNELS
-picks: unset, build and fall back on failure; "0", off; "1", required (a failed build raises; CI sets it).
+Both split their rows over torch's threads (OpenMP, on Linux), each row computed whole by one thread, so any
+thread count gives the same bits. The first call in a fresh environment compiles them (about 15 s, once;
+later processes load the cached library). Where they cannot be built (no C++ compiler or ninja)
+`available()` is False, with one warning saying why, and the callers fall back to torch operators. The
+environment variable MOE_CORE_CPU_KERNELS picks: unset, build and fall back on failure; "0", off; "1",
+required (a failed build raises; CI sets it).
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ _NAME = (f"moe_core_cpu_kernels_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)
          f"{hashlib.sha1(str(_CSRC).encode()).hexdigest()[:8]}")
 # -fno-trapping-math lets float selects vectorise; -fopenmp-simd reads the sources' `omp simd` loops
 _FLAGS = ["-O3", "-fno-trapping-math", "-fopenmp-simd"]
+# OpenMP lets the kernels' at::parallel_for split rows over torch's threads; built without it, they run on one.
+# Asked for on Linux, where torch links GCC's libgomp and the library shares that copy (Apple's clang has no
+# -fopenmp). A compiler that refuses it gets a second build without.
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
 
 
 def checked_switch() -> str:
@@ -62,8 +68,7 @@ def _loaded() -> bool:
         if announced:
             print(f"moe_core: compiling the CPU kernels ({', '.join(s.name for s in _SOURCES)}); once, about 15 s ...",
                   file=sys.stderr, flush=True)
-        cpp_extension.load(name=_NAME, sources=[str(s) for s in _SOURCES], extra_cflags=_FLAGS,
-                           is_python_module=False, verbose=False)
+        _build(cpp_extension)
         elapsed = time.perf_counter() - started
         if not announced and elapsed > 2.0:  # a cached build whose sources changed
             print(f"moe_core: rebuilt the CPU kernels in {elapsed:.0f} s (their sources changed)", file=sys.stderr,
@@ -78,6 +83,27 @@ def _loaded() -> bool:
         return False
     torch.library.register_fake("moe_core::cpu_topk_indices", _topk_shape)  # cross_entropy runs eager only
     return True
+
+
+def _build(cpp_extension) -> None:
+    """Build and load the library, with OpenMP where asked for, else (or if that build fails) without."""
+    if _OPENMP:
+        try:
+            return _load(cpp_extension, _OPENMP)
+        except Exception as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"moe_core: the CPU kernels did not build with OpenMP ({reason}); building them without, so they "
+                  f"run on one thread", file=sys.stderr, flush=True)
+    _load(cpp_extension, [])
+
+
+def _load(cpp_extension, openmp: list[str]) -> None:
+    cpp_extension.load(name=_library_name(openmp), sources=[str(s) for s in _SOURCES], extra_cflags=_FLAGS + openmp,
+                       extra_ldflags=list(openmp), is_python_module=False, verbose=False)  # load() extends the list
+
+
+def _library_name(openmp: list[str]) -> str:
+    return _NAME + ("_openmp" if openmp else "")
 
 
 def _topk_shape(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -96,7 +122,8 @@ def _put_ninja_on_path() -> None:
 def _is_built(cpp_extension) -> bool:
     """Whether torch's extension cache already holds a build of the kernel (then loading takes no time)."""
     try:
-        return (Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / f"{_NAME}.so").exists()
+        name = _library_name(_OPENMP)
+        return (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists()
     except Exception:  # a private helper: if it moves, we only lose the message
         return True
 

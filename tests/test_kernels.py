@@ -193,6 +193,45 @@ def test_a_failed_build_warns_and_falls_back_or_raises_when_required(monkeypatch
         cpu_kernels.available()
 
 
+def test_a_compiler_without_openmp_gets_a_build_without_it(monkeypatch, capsys):
+    """On Linux the library is built with -fopenmp (its row loops then use torch's threads); where that
+    build fails, a second one without it follows, and stderr says the kernels run on one thread."""
+    calls = []
+
+    def load(cpp_extension, openmp):
+        calls.append(openmp)
+        if openmp:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+    monkeypatch.setattr(cpu_kernels, "_load", load)
+    monkeypatch.setattr(cpu_kernels, "_OPENMP", ["-fopenmp"])
+    cpu_kernels._build(None)
+    assert calls == [["-fopenmp"], []]
+    assert "did not build with OpenMP (clang: error: unsupported option '-fopenmp')" in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setattr(cpu_kernels, "_OPENMP", [])  # elsewhere (macOS): one build, without
+    cpu_kernels._build(None)
+    assert calls == [[]]
+
+
+@needs_kernel
+def test_kernels_give_the_same_bits_on_any_thread_count():
+    """Rows are split over threads, each row computed whole by one: one thread or two, the same answer."""
+    g = torch.Generator().manual_seed(0)
+    scores, logits = torch.randn(4096, 64, generator=g), torch.randn(700, 2048, generator=g)
+    targets = torch.randint(0, 2048, (700,), generator=g)
+    threads, answers = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x = logits.clone().requires_grad_()
+            loss = cpu_kernels.cross_entropy(x, targets)
+            loss.backward()
+            answers.append((cpu_kernels.topk_indices(scores, 12), loss.detach(), x.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*answers))
+
+
 # ------------------------------------------------------------------ cross-entropy
 
 
