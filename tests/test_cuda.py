@@ -1,13 +1,13 @@
 """The CUDA path: bf16 autocast training with compile, the Triton top-k at the paper's shape and compiled, the
 benchmark. Skipped without a GPU. The bf16 dispatch parity tests (tests/test_experts.py) and the Triton top-k's
-contract (tests/test_kernels.py: ties, NaN, -inf) run on CPU and CUDA alike."""
+contract (tests/oracles.py, tests/test_kernels.py: ties, NaN, -inf) run on CPU and CUDA alike."""
 import pytest
 import torch
 
 from moe_core.routing import top_k_indices
 from moe_core.train import train
 from moe_core.variants import resolve
-from test_kernels import reference_top_k
+from oracles import reference_top_k
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FAST = {"train": {"steps": 6, "eval_every": 6, "checkpoint_every": 6, "device": "cuda"}}

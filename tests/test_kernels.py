@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from moe_core import cpu_kernels
 from moe_core.config import ConfigError
 from moe_core.model import token_cross_entropy
-from moe_core.routing import ordered_int32, select_top_k, top_k_indices
+from moe_core.routing import select_top_k, top_k_indices
+from oracles import reference_top_k
 
 try:  # the Triton kernel, where Triton is installed (requirements.txt pins it for the interpreter on Linux x86-64)
     from moe_core import kernels as triton_kernels
@@ -22,13 +23,6 @@ needs_triton = pytest.mark.skipif(triton_kernels is None, reason="Triton is not 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # "cpu": the interpreter, about 30 ms per program
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="the C++ kernels did not build here "
                                   "(no compiler, or MOE_CORE_CPU_KERNELS=0); CI sets MOE_CORE_CPU_KERNELS=1")
-
-
-def reference_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The kernel's contract, spelled out: rank by the int32 keys (NaN above all), largest first, ties to
-    the lower column (a stable sort keeps column order among equal keys)."""
-    keys = ordered_int32(scores).masked_fill(scores.isnan(), torch.iinfo(torch.int32).max)
-    return keys.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 @needs_kernel
