@@ -89,7 +89,8 @@ def _build(cpp_extension) -> None:
     """Build and load the library, with OpenMP where asked for, else (or if that build fails) without."""
     if _OPENMP:
         try:
-            return _load(cpp_extension, _OPENMP)
+            _load(cpp_extension, _OPENMP)
+            return
         except Exception as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"moe_core: the CPU kernels did not build with OpenMP ({reason}); building them without, so they "
