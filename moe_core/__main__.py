@@ -1,4 +1,4 @@
-"""Command line: `python -m moe_core {list,params,train,sweep,eval,book}`.
+"""Command line: `python -m moe_core {list,params,train,sweep,runs,eval,book}`.
 
 Commands that produce results end their standard output with one JSON line, the stable
 interface scripts and CI read (under torchrun, rank 0 alone prints it). Bad names and values
@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 from .config import ConfigError
@@ -27,7 +28,7 @@ def cmd_list(args) -> dict:
         print(f"  {name:16s} {spec.get('description', '')}")
     print("profiles:")
     for name, spec in profiles().items():
-        print(f"  {name:16s} {' '.join(spec.get('description', '').split()[:14])} ...")
+        print(textwrap.fill(spec.get("description", ""), 110, initial_indent=f"  {name:16s} ", subsequent_indent=" " * 19))
     print("corpora:")
     for name in CORPORA:
         print(f"  {name:16s} {'offline (bundled)' if name in OFFLINE_CORPORA else 'Hugging Face hub via datasets'}")
@@ -37,7 +38,7 @@ def cmd_list(args) -> dict:
 def cmd_params(args) -> dict:
     from .params import count_parameters
 
-    cfg = resolve(args.variant, args.profile)
+    cfg = resolve(args.variant, args.profile, overrides=add_settings({}, args.set or ()))
     counts = count_parameters(cfg.model)
     result = {"variant": args.variant, "profile": args.profile, **counts}
     paper = paper_reference()["equifinality_table3"].get(args.variant, {})
@@ -82,6 +83,10 @@ def require_directories(paths: dict) -> None:
             name, path = (env if env in os.environ else f"{flag}'s default"), default()
         if path.exists() and not path.is_dir():
             raise ConfigError(name, str(path), "must be a directory (it exists as a file)")
+        nearest = next(p for p in (path, *path.absolute().parents) if p.exists())  # what a mkdir would start from
+        if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+            kind = "a writable directory" if nearest.is_dir() else "a directory"
+            raise ConfigError(name, str(path), f"cannot be written: {nearest} is not {kind}")
 
 
 def train_options(args) -> dict:
@@ -99,7 +104,7 @@ def cmd_train(args) -> dict | None:
 
 def cmd_sweep(args) -> dict | None:
     """Train this machine's slice of variants x seeds: run j of the product when j % N == I."""
-    from .train import train
+    from .train import RunFailed, train
 
     index, count = args.shard
     overrides = run_overrides(args)
@@ -109,11 +114,32 @@ def cmd_sweep(args) -> dict | None:
     configs = everything[index::count]
     if not configs:
         print(f"sweep: shard {index}/{count} holds none of the {len(everything)} runs", file=sys.stderr)
-    options = train_options(args)
-    results = [train(cfg, **options) for cfg in configs]
+    options, results, failed = train_options(args), [], []
+    for cfg in configs:  # a failed run does not stop the others; the sweep then exits 1, listing it
+        try:
+            results.append(train(cfg, **options))
+        except RunFailed as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            failed.append({"variant": cfg.variant, "seed": cfg.seed, "error": str(e)})
     keys = ("run_dir", "variant", "seed", "val_loss", "val_ppl", "cached")
     return {"profile": args.profile, "shard": f"{index}/{count}",
-            "runs": [{k: r[k] for k in keys} for r in results if r is not None]}
+            "runs": [{k: r[k] for k in keys} for r in results if r is not None], "failed": failed}
+
+
+def cmd_runs(args) -> dict:
+    """The run store, one line per run, filtered by variant and profile."""
+    from .store import describe
+    from .train import default_run_root
+
+    require_directories({"--run-root": args.run_root})
+    root = args.run_root or default_run_root()
+    rows = [describe(config.parent) for config in sorted(root.glob("*/config.json"))]
+    rows = [r for r in rows if args.variant in (None, r["variant"]) and args.profile in (None, r["profile"])]
+    for r in rows:
+        loss = f"val loss {r['val_loss']:.4f}" if r["val_loss"] is not None else ""
+        print(f"{Path(r['run_dir']).name:56s} {r['state']:9s} {r['step']:>6}/{r['steps']:<6} {r['corpus']:14s} {loss}")
+    print(f"{len(rows)} run(s) in {root}", file=sys.stderr)
+    return {"run_root": str(root), "runs": rows}
 
 
 def cmd_eval(args) -> dict:
@@ -131,7 +157,7 @@ def cmd_eval(args) -> dict:
     if not run.is_dir():
         raise ConfigError("run_dir", str(run), "is not a directory" if run.exists() else "does not exist")
     if not (run / "final.safetensors").exists():
-        raise ConfigError("run_dir", str(run), "holds no finished run (no final.safetensors)")
+        raise ConfigError("run_dir", str(run), unfinished(run))
     check_interventions(args, run, load_config(run).model)
     model, cfg, batches = load_run_dir(run, args.device, args.cache_dir)
     iv = Interventions(halt_eps=args.halt_eps, freeze_routing=args.freeze_routing, zero_moe=args.zero_moe)
@@ -139,6 +165,19 @@ def cmd_eval(args) -> dict:
     result.pop("batch_losses")
     return {"run_dir": str(run), "variant": cfg.variant, "seed": cfg.seed, "halt_eps": iv.halt_eps,
             "freeze_routing": iv.freeze_routing, "zero_moe": iv.zero_moe, **result}
+
+
+def unfinished(run: Path) -> str:
+    """Why a directory without final weights cannot be evaluated, and what to do."""
+    from .store import describe
+
+    if (run / "config.json").exists():
+        r = describe(run)
+        return (f"holds a run that has not finished ({r['state']} at step {r['step']} of {r['steps']}); "
+                f"`train` with its settings finishes it")
+    if any(run.glob("*/config.json")):
+        return "is a run store, not a run: pass one of its runs (`runs` lists them)"
+    return "holds no run (no config.json)"
 
 
 def check_interventions(args, run: Path, model) -> None:
@@ -184,48 +223,61 @@ def setting(text: str) -> tuple[str, str, object]:
     return match[1], match[2], value
 
 
+RUN_ROOT_HELP = "where run directories live (default $MOE_CORE_RUNS, else ./runs)"
+CACHE_HELP = "tokenizer and token cache (default $MOE_CORE_CACHE, else ./.cache/moe_core)"
+SET_HELP = "override any config key (repeatable), e.g. --set train.eval_batches=16; the run's hash covers it"
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="override the profile's number of steps")
-    p.add_argument("--corpus", help="override the profile's corpus")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--run-root", type=Path, help="where run directories live (default $MOE_CORE_RUNS, else ./runs)")
-    p.add_argument("--cache-dir", type=Path,
-                   help="tokenizer/token cache (default $MOE_CORE_CACHE, else ./.cache/moe_core)")
+    p.add_argument("--corpus", help="override the profile's corpus (see `list`)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help="where to train (default: the config's train.device, auto: CUDA if there is a GPU)")
+    p.add_argument("--run-root", type=Path, help=RUN_ROOT_HELP)
+    p.add_argument("--cache-dir", type=Path, help=CACHE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--set", type=setting, action="append", metavar="SECTION.KEY=VALUE",
-                   help="override any config key (repeatable), e.g. --set train.eval_batches=16; "
-                        "the run's hash covers it")
+    p.add_argument("--set", type=setting, action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
+
+
+def add_names(p: argparse.ArgumentParser, many: bool = False) -> None:
+    p.add_argument("--variant", required=True, nargs="+" if many else None,
+                   help="variant name(s)" if many else "variant name (`list` prints them)")
+    p.add_argument("--profile", required=True, help="profile name: the scale (`list` prints them)")
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line; no flag may be abbreviated (--freeze is not --freeze-routing)."""
-    p = argparse.ArgumentParser(prog="python -m moe_core", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="python -m moe_core", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
     command = functools.partial(sub.add_parser, allow_abbrev=False)
     command("list", help="print the variants, profiles and corpora")
-    for name, help_ in (("params", "parameter counts of a variant at a profile"),
-                        ("train", "train a run, or return the stored results of a finished one")):
-        s = command(name, help=help_)
-        s.add_argument("--variant", required=True)
-        s.add_argument("--profile", required=True)
-    train = sub.choices["train"]
+    params = command("params", help="parameter counts of a variant at a profile")
+    add_names(params)
+    params.add_argument("--set", type=setting, action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    train = command("train", help="train a run, or return the stored results of a finished one")
+    add_names(train)
     train.add_argument("--seed", type=int, default=42, help="(default 42)")
     add_run_flags(train)
     sweep = command("sweep", help="train one machine's slice (--shard I/N) of variants x seeds")
-    sweep.add_argument("--variant", nargs="+", required=True)
-    sweep.add_argument("--profile", required=True)
+    add_names(sweep, many=True)
     sweep.add_argument("--seed", type=int, nargs="+", default=[42], help="(default 42)")
     sweep.add_argument("--shard", type=shard, default=(0, 1), help="I/N: train runs j with j %% N == I (default 0/1)")
     add_run_flags(sweep)
+    runs = command("runs", help="list the run store: each run's state, step and validation loss")
+    runs.add_argument("--variant", help="only this variant's runs")
+    runs.add_argument("--profile", help="only this profile's runs")
+    runs.add_argument("--run-root", type=Path, help=RUN_ROOT_HELP)
     ev = command("eval", help="re-evaluate a finished run on its validation batches")
-    ev.add_argument("run_dir")
-    ev.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    ev.add_argument("--cache-dir", type=Path)
-    ev.add_argument("--halt-eps", type=float, default=0.0, help="relative-norm halting threshold")
+    ev.add_argument("run_dir", help="a run's directory, e.g. runs/deep_smoke_s42_<hash> (`runs` lists them)")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="default auto: CUDA if there is a GPU; the run's precision applies (bf16 on CUDA)")
+    ev.add_argument("--cache-dir", type=Path, help=CACHE_HELP)
+    ev.add_argument("--halt-eps", type=float, default=0.0, help="relative-norm halting threshold (default 0: off)")
     ev.add_argument("--freeze-routing", action="store_true", help="reuse the hop-0 routing at every hop")
     ev.add_argument("--zero-moe", action="store_true", help="set every MoE layer's expert update to zero")
     book = command("book", help="execute the book's notebooks for a profile and build the HTML")
-    book.add_argument("--profile", default="smoke")
+    book.add_argument("--profile", default="smoke", help="(default smoke)")
     book.add_argument("--no-html", action="store_true", help="execute the notebooks only")
     return p
 
@@ -236,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import CorpusUnavailable
     from .train import RunFailed, World
 
-    commands = {"list": cmd_list, "params": cmd_params, "train": cmd_train, "sweep": cmd_sweep,
+    commands = {"list": cmd_list, "params": cmd_params, "train": cmd_train, "sweep": cmd_sweep, "runs": cmd_runs,
                 "eval": cmd_eval, "book": cmd_book}
     try:
         reports = World.from_env().main
@@ -248,9 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        again = " (rerun the same command: a run resumes from its last checkpoint)" if args.command in (
+            "train", "sweep", "book") else ""
+        print(f"\ninterrupted{again}", file=sys.stderr)
+        return 130
     if result is not None and reports:
         print(json.dumps(result))
-    return 0
+    return 1 if result and result.get("failed") else 0
 
 
 if __name__ == "__main__":

@@ -339,9 +339,12 @@ def check_spec(where: str, spec: Any, allowed: tuple[str, ...], required: tuple[
 
 
 def config_hash(cfg: RunConfig, extra: dict | None = None) -> str:
-    """A short stable hash of everything that changes results (labels excluded)."""
+    """A short stable hash of everything that changes results (labels excluded). Where and how a run executes
+    (train.device, train.compile) is left out, as the hardware is: a run trained with --device cuda is the run
+    the book (device auto) asks for. They hash as their defaults, so a run that never set them keeps its name."""
     d = cfg.to_dict()
     d.pop("variant"), d.pop("profile")
+    d["train"].update(device="auto", compile="auto")
     if extra:
         d["_extra"] = extra
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))

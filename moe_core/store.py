@@ -130,6 +130,37 @@ def write_status(run: Path, state: str, **fields) -> None:
     write_json(run / "status.json", {"state": state, **fields})
 
 
+def is_locked(run: Path) -> bool:
+    """Whether a process holds the run's lock now, i.e. trains it (a killed one holds nothing)."""
+    if not (run / ".lock").exists():
+        return False
+    with open(run / ".lock") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def describe(run: Path) -> dict:
+    """What a run directory holds, in one row: its labels, corpus, state and step, and the final validation
+    loss once finished. State: finished, failed, training (a process holds the lock), stopped (paused, or its
+    process died: `train` resumes it) or new."""
+    cfg = read_json(run / "config.json")["config"]
+    status, results = read_status(run), read_json(run / "results.json") if (run / "results.json").exists() else {}
+    if results:
+        state = "finished"
+    elif status.get("state") == "failed":
+        state = "failed"
+    else:
+        state = "training" if is_locked(run) else "stopped" if status or checkpoint_steps(run) else "new"
+    step = results.get("steps", status.get("step", max(checkpoint_steps(run), default=0)))
+    return {"run_dir": str(run), "variant": cfg["variant"], "profile": cfg["profile"], "seed": cfg["seed"],
+            "corpus": cfg["data"]["corpus"], "state": state, "step": step, "steps": cfg["train"]["steps"],
+            "val_loss": results.get("val_loss")}
+
+
 def clean_partial(run: Path) -> list[str]:
     """Remove what a killed writer leaves behind: temporary files and checkpoint tensors whose
     JSON was never written. Call it only while holding the run's lock. Returns the names removed."""

@@ -495,6 +495,7 @@ class Trainer:
         params = count_parameters(cfg.model)
         results = {
             "run_dir": str(self.run), "variant": cfg.variant, "profile": cfg.profile, "seed": cfg.seed,
+            "corpus": cfg.data.corpus,
             "val_loss": final["val_loss"], "val_ppl": final["val_ppl"], "steps": t.steps,
             "tokens": t.steps * t.tokens_per_step, "train_seconds": self.train_seconds,
             "tokens_per_s": t.steps * t.tokens_per_step / max(self.train_seconds, 1e-9),
@@ -545,9 +546,12 @@ def train(cfg: RunConfig, run_root: str | Path | None = None, cache_dir: str | P
         if state == FINISHED:  # another process finished it while this one waited for the lock
             return {**store.read_json(run / "results.json"), "cached": True} if world.main else None
         if state == FAILED:
-            reason = store.read_status(run)["reason"] if world.main else "see rank 0"
-            raise RunFailed(f"{run} failed earlier ({reason}); remove its status.json to retry from its last "
-                            f"good checkpoint, or change the configuration")
+            status = store.read_status(run) if world.main else {"reason": "see rank 0", "last_checkpoint": 0}
+            retry = (f"from its last good checkpoint (step {status['last_checkpoint']})" if status.get("last_checkpoint")
+                     else "from scratch (it has no checkpoint)")
+            raise RunFailed(f"{run} failed earlier ({status['reason']}). Retried as it is, it trains the same steps "
+                            f"again and most likely fails again: change the configuration (a lower train.lr, say) "
+                            f"for a new run, or remove its status.json to retry {retry}")
         with cpu_threads(cfg.train.threads):
             results = trainer.fit(stop_at=stop_at)
     return None if results is None else {**results, "cached": False}

@@ -64,6 +64,15 @@ def test_config_hash_ignores_labels_and_sees_values():
     assert RunConfig.from_dict(a.to_dict()) == a
 
 
+def test_config_hash_leaves_out_where_and_how_a_run_executes():
+    """--device cuda or --set train.compile=off names the run the book (auto) asks for; the recipe still counts."""
+    a = resolve("wide", "tiny")
+    for train in ({"device": "cpu"}, {"device": "cuda"}, {"compile": "on"}, {"device": "cpu", "compile": "off"}):
+        assert config_hash(resolve("wide", "tiny", overrides={"train": train})) == config_hash(a)
+    assert config_hash(resolve("wide", "tiny", overrides={"train": {"precision": "fp32"}})) != config_hash(a)
+    assert a.train.device == "auto" and a.train.compile == "auto"  # the hash does not touch the config itself
+
+
 @pytest.mark.parametrize("overrides,key", [
     ({"train": {"steps": -5}}, "train.steps"),
     ({"train": {"steps": 2.5}}, "train.steps"),

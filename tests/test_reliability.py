@@ -266,7 +266,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert store.checkpoint_steps(run) == [4, 8]
     store.load_checkpoint(run, 8)  # intact
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("a failed run was retrained"))
-    with pytest.raises(RunFailed, match="failed earlier"):
+    with pytest.raises(RunFailed, match=r"failed earlier .*retry from its last good checkpoint \(step 8\)"):
+        train(CFG, tmp_path, cache, progress=False)
+    store.write_status(run, **{**status, "last_checkpoint": None})  # as when it failed before its first checkpoint
+    with pytest.raises(RunFailed, match=r"retry from scratch \(it has no checkpoint\)"):
         train(CFG, tmp_path, cache, progress=False)
 
 
@@ -444,7 +447,15 @@ def test_validation_settings_beyond_the_split_are_refused_by_name(setting, messa
 def test_eval_of_an_unfinished_run_and_a_bad_rank_are_refused(tmp_path, capsys, monkeypatch):
     (tmp_path / "run").mkdir()
     assert main(["eval", str(tmp_path / "run")]) == 2
-    assert f"invalid run_dir='{tmp_path / 'run'}': holds no finished run (no final.safetensors)" in capsys.readouterr().err
+    assert f"invalid run_dir='{tmp_path / 'run'}': holds no run (no config.json)" in capsys.readouterr().err
+    assert main(["train", "--variant", "wide", "--profile", "tiny", "--steps", "9", "--run-root", str(tmp_path),
+                 "--set", "train.checkpoint_every=4", "--no-progress"]) == 0
+    (run,) = tmp_path.glob("wide_tiny_*")
+    (run / "results.json").unlink(), (run / "final.safetensors").unlink()  # as if killed before finishing
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "is a run store, not a run: pass one of its runs (`runs` lists them)" in capsys.readouterr().err
+    assert main(["eval", str(run)]) == 2
+    assert "holds a run that has not finished (stopped at step 9 of 9)" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "x")
     assert main(["train", "--variant", "wide", "--profile", "tiny", "--run-root", str(tmp_path / "runs")]) == 2
     assert "invalid RANK='x': must be an integer (torchrun sets it)" in capsys.readouterr().err
@@ -469,6 +480,65 @@ def test_run_and_cache_folders_that_are_files_are_rejected_before_any_work(comma
     assert main(argv) == 2
     assert f"invalid {name}='{a_file}': must be a directory (it exists as a file)" in capsys.readouterr().err
     assert a_file.read_text() == "" and not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_run_root_that_cannot_be_made_is_rejected_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["train", "--variant", "wide", "--profile", "tiny", "--run-root", str(a_file / "runs")]) == 2
+    assert f"invalid --run-root='{a_file / 'runs'}': cannot be written: {a_file} is not a directory" in \
+        capsys.readouterr().err
+
+
+def test_a_failed_run_does_not_stop_the_rest_of_a_sweep(tmp_path, capsys, monkeypatch):
+    """The other runs train; the JSON line lists the failure and the sweep exits 1."""
+    def train(cfg, **options):
+        if cfg.variant == "deep":
+            raise RunFailed(f"{cfg.variant} s{cfg.seed}: non-finite loss")
+        return {"run_dir": f"runs/{cfg.variant}_s{cfg.seed}", "variant": cfg.variant, "seed": cfg.seed,
+                "val_loss": 5.0, "val_ppl": 148.4, "cached": False}
+    monkeypatch.setattr("moe_core.train.train", train)
+    argv = ["sweep", "--variant", "deep", "wide", "--seed", "1", "2", "--profile", "tiny", "--run-root", str(tmp_path)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    summary = json.loads(out.splitlines()[-1])
+    assert [(r["variant"], r["seed"]) for r in summary["runs"]] == [("wide", 1), ("wide", 2)]
+    assert [(f["variant"], f["seed"]) for f in summary["failed"]] == [("deep", 1), ("deep", 2)]
+    assert err.count("error: deep s") == 2
+
+
+def test_an_interrupt_ends_with_one_line_and_status_130(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("moe_core.__main__.cmd_train", interrupted)
+    assert main(["train", "--variant", "wide", "--profile", "tiny"]) == 130
+    assert capsys.readouterr().err == "\ninterrupted (rerun the same command: a run resumes from its last checkpoint)\n"
+
+
+def test_runs_lists_the_store_with_each_runs_state(tmp_path, cache, capsys):
+    finished = resolve("wide", "tiny", overrides={"train": {"steps": 4}})
+    stopped = resolve("deep", "tiny", overrides={"train": {"steps": 8, "checkpoint_every": 4}})
+    train(finished, tmp_path, cache, progress=False)
+    train(stopped, tmp_path, cache, progress=False, stop_at=4)
+    assert main(["runs", "--run-root", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    rows = {r["variant"]: r for r in json.loads(out.splitlines()[-1])["runs"]}
+    assert rows["wide"]["state"] == "finished" and rows["wide"]["step"] == 4 and rows["wide"]["val_loss"] > 0
+    assert rows["deep"]["state"] == "stopped" and rows["deep"]["step"] == 4 and rows["deep"]["val_loss"] is None
+    assert all(r["corpus"] == "wiki-vital" for r in rows.values()) and "2 run(s) in" in err
+    assert store.run_dir(finished, tmp_path).name in out.splitlines()[0] + out.splitlines()[1]
+    with store.locked(store.run_dir(stopped, tmp_path)):  # as while a process trains it
+        assert store.describe(store.run_dir(stopped, tmp_path))["state"] == "training"
+    assert main(["runs", "--run-root", str(tmp_path), "--variant", "deep"]) == 0
+    assert [r["variant"] for r in json.loads(capsys.readouterr().out.splitlines()[-1])["runs"]] == ["deep"]
+
+
+def test_params_takes_settings(capsys):
+    counts = []
+    for extra in ([], ["--set", "model.d_model=64"]):
+        assert main(["params", "--variant", "wide", "--profile", "tiny", *extra]) == 0
+        counts.append(json.loads(capsys.readouterr().out.splitlines()[-1])["total"])
+    assert counts[1] > counts[0]
 
 
 def test_a_bad_kernel_switch_is_rejected_before_any_work(tmp_path, capsys, monkeypatch):
