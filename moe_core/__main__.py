@@ -69,10 +69,10 @@ def add_settings(overrides: dict, settings) -> dict:
     return overrides
 
 
-def require_directories(paths: dict) -> None:
+def require_directories(paths: dict, writable: bool = True) -> None:
     """Each path a command will use (flag -> the path given, or None for the flag's default) is a directory
-    or does not exist yet, checked before any work. A default is named by where it came from: the
-    environment variable that set it, or the flag whose default it is."""
+    or does not exist yet, and (`writable`) could be written, checked before any work. A default is named by
+    where it came from: the environment variable that set it, or the flag whose default it is."""
     from .train import CACHE_ENV, RUNS_ENV, default_cache_dir, default_run_root
 
     defaults = {"--run-root": (RUNS_ENV, default_run_root), "--cache-dir": (CACHE_ENV, default_cache_dir)}
@@ -84,7 +84,7 @@ def require_directories(paths: dict) -> None:
         if path.exists() and not path.is_dir():
             raise ConfigError(name, str(path), "must be a directory (it exists as a file)")
         nearest = next(p for p in (path, *path.absolute().parents) if p.exists())  # what a mkdir would start from
-        if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        if not nearest.is_dir() or (writable and not os.access(nearest, os.W_OK | os.X_OK)):
             kind = "a writable directory" if nearest.is_dir() else "a directory"
             raise ConfigError(name, str(path), f"cannot be written: {nearest} is not {kind}")
 
@@ -131,13 +131,18 @@ def cmd_runs(args) -> dict:
     from .store import describe
     from .train import default_run_root
 
-    require_directories({"--run-root": args.run_root})
+    require_directories({"--run-root": args.run_root}, writable=False)
     root = args.run_root or default_run_root()
     rows = [describe(config.parent) for config in sorted(root.glob("*/config.json"))]
-    rows = [r for r in rows if args.variant in (None, r["variant"]) and args.profile in (None, r["profile"])]
+    rows = [r for r in rows if r["state"] == "damaged"  # shown whatever the filters
+            or args.variant in (None, r["variant"]) and args.profile in (None, r["profile"])]
     for r in rows:
+        name = Path(r["run_dir"]).name
+        if r["state"] == "damaged":
+            print(f"{name:56s} damaged   {r['error']}")
+            continue
         loss = f"val loss {r['val_loss']:.4f}" if r["val_loss"] is not None else ""
-        print(f"{Path(r['run_dir']).name:56s} {r['state']:9s} {r['step']:>6}/{r['steps']:<6} {r['corpus']:14s} {loss}")
+        print(f"{name:56s} {r['state']:9s} {r['step']:>6}/{r['steps']:<6} {r['corpus']:14s} {loss}")
     print(f"{len(rows)} run(s) in {root}", file=sys.stderr)
     return {"run_root": str(root), "runs": rows}
 
@@ -152,19 +157,35 @@ def cmd_eval(args) -> dict:
     run = Path(args.run_dir)
     if not (math.isfinite(args.halt_eps) and args.halt_eps >= 0):
         raise ConfigError("--halt-eps", args.halt_eps, "must be a finite number >= 0")
-    require_device("--device", args.device)
-    require_directories({"--cache-dir": args.cache_dir})
+    if args.device:
+        require_device("--device", args.device)
+    require_directories({"--cache-dir": args.cache_dir}, writable=False)
     if not run.is_dir():
         raise ConfigError("run_dir", str(run), "is not a directory" if run.exists() else "does not exist")
     if not (run / "final.safetensors").exists():
         raise ConfigError("run_dir", str(run), unfinished(run))
     check_interventions(args, run, load_config(run).model)
-    model, cfg, batches = load_run_dir(run, args.device, args.cache_dir)
+    model, cfg, batches = load_run_dir(run, args.device or training_device(run), args.cache_dir)
     iv = Interventions(halt_eps=args.halt_eps, freeze_routing=args.freeze_routing, zero_moe=args.zero_moe)
     result = evaluate(model, batches, next(model.parameters()).device, cfg.train.precision, iv)
     result.pop("batch_losses")
     return {"run_dir": str(run), "variant": cfg.variant, "seed": cfg.seed, "halt_eps": iv.halt_eps,
             "freeze_routing": iv.freeze_routing, "zero_moe": iv.zero_moe, **result}
+
+
+def training_device(run: Path) -> str:
+    """Where a finished run trained (so eval sees the precision it trained in), or the CPU if that was CUDA
+    and this machine has none (then the loss may differ from results.json by the bf16 rounding)."""
+    import torch
+
+    from .store import read_json
+
+    trained = read_json(run / "results.json").get("device", "cpu").split(":")[0]
+    if trained == "cuda" and not torch.cuda.is_available():
+        print("eval: the run trained on CUDA and this machine has none; evaluating on the CPU (in fp32, where "
+              "training used bf16 autocast)", file=sys.stderr)
+        return "cpu"
+    return trained
 
 
 def unfinished(run: Path) -> str:
@@ -173,8 +194,14 @@ def unfinished(run: Path) -> str:
 
     if (run / "config.json").exists():
         r = describe(run)
-        return (f"holds a run that has not finished ({r['state']} at step {r['step']} of {r['steps']}); "
-                f"`train` with its settings finishes it")
+        where = f"at step {r['step']} of {r['steps']}"
+        if r["state"] == "damaged":
+            return f"holds a run whose files cannot be read ({r['error']})"
+        if r["state"] == "failed":
+            return f"holds a run that failed {where} (status.json says why); `train` with its settings says what to do"
+        if r["state"] == "training":
+            return f"holds a run that a process is training now ({where}); wait for it to finish"
+        return f"holds a run that has not finished ({r['state']} {where}); `train` with its settings finishes it"
     if any(run.glob("*/config.json")):
         return "is a run store, not a run: pass one of its runs (`runs` lists them)"
     return "holds no run (no config.json)"
@@ -225,7 +252,6 @@ def setting(text: str) -> tuple[str, str, object]:
 
 RUN_ROOT_HELP = "where run directories live (default $MOE_CORE_RUNS, else ./runs)"
 CACHE_HELP = "tokenizer and token cache (default $MOE_CORE_CACHE, else ./.cache/moe_core)"
-SET_HELP = "override any config key (repeatable), e.g. --set train.eval_batches=16; the run's hash covers it"
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -236,7 +262,13 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-root", type=Path, help=RUN_ROOT_HELP)
     p.add_argument("--cache-dir", type=Path, help=CACHE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--set", type=setting, action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    add_set_flag(p)
+
+
+def add_set_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", type=setting, action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any config key (repeatable), e.g. --set train.eval_batches=16; the run's hash "
+                        "covers it")
 
 
 def add_names(p: argparse.ArgumentParser, many: bool = False) -> None:
@@ -254,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
     command("list", help="print the variants, profiles and corpora")
     params = command("params", help="parameter counts of a variant at a profile")
     add_names(params)
-    params.add_argument("--set", type=setting, action="append", metavar="SECTION.KEY=VALUE", help=SET_HELP)
+    add_set_flag(params)
     train = command("train", help="train a run, or return the stored results of a finished one")
     add_names(train)
     train.add_argument("--seed", type=int, default=42, help="(default 42)")
@@ -270,8 +302,9 @@ def parser() -> argparse.ArgumentParser:
     runs.add_argument("--run-root", type=Path, help=RUN_ROOT_HELP)
     ev = command("eval", help="re-evaluate a finished run on its validation batches")
     ev.add_argument("run_dir", help="a run's directory, e.g. runs/deep_smoke_s42_<hash> (`runs` lists them)")
-    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                    help="default auto: CUDA if there is a GPU; the run's precision applies (bf16 on CUDA)")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                    help="default: where the run trained (so in its precision), the CPU if that was CUDA and there "
+                         "is none here")
     ev.add_argument("--cache-dir", type=Path, help=CACHE_HELP)
     ev.add_argument("--halt-eps", type=float, default=0.0, help="relative-norm halting threshold (default 0: off)")
     ev.add_argument("--freeze-routing", action="store_true", help="reuse the hop-0 routing at every hop")

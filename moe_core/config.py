@@ -339,12 +339,11 @@ def check_spec(where: str, spec: Any, allowed: tuple[str, ...], required: tuple[
 
 
 def config_hash(cfg: RunConfig, extra: dict | None = None) -> str:
-    """A short stable hash of everything that changes results (labels excluded). Where and how a run executes
-    (train.device, train.compile) is left out, as the hardware is: a run trained with --device cuda is the run
-    the book (device auto) asks for. They hash as their defaults, so a run that never set them keeps its name."""
+    """A short stable hash of everything that changes results (labels excluded). train.device and train.compile
+    count as given, not as resolved: with precision auto a CUDA run is bf16 and a CPU run fp32, so `--device cpu`
+    names another run than auto, which on a GPU machine trains in bf16."""
     d = cfg.to_dict()
     d.pop("variant"), d.pop("profile")
-    d["train"].update(device="auto", compile="auto")
     if extra:
         d["_extra"] = extra
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))

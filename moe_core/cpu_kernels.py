@@ -55,12 +55,12 @@ def checked_switch() -> str:
 
 
 @functools.cache
-def _loaded() -> bool:
-    """Build (or find in torch's cache) and load the library, once per process; False where switched off
-    or where it fails to build."""
+def _loaded() -> str:
+    """Build (or find in torch's cache) and load the library, once per process: "openmp" or "plain" (one
+    thread), "" where switched off or where it fails to build."""
     switch = checked_switch()
     if switch == "0":
-        return False
+        return ""
     try:
         from torch.utils import cpp_extension
         _put_ninja_on_path()
@@ -68,7 +68,7 @@ def _loaded() -> bool:
         if announced:
             print(f"moe_core: compiling the CPU kernels ({', '.join(s.name for s in _SOURCES)}); once, about 15 s ...",
                   file=sys.stderr, flush=True)
-        _build(cpp_extension)
+        flavour = _build(cpp_extension)
         elapsed = time.perf_counter() - started
         if not announced and elapsed > 2.0:  # a cached build whose sources changed
             print(f"moe_core: rebuilt the CPU kernels in {elapsed:.0f} s (their sources changed)", file=sys.stderr,
@@ -76,26 +76,51 @@ def _loaded() -> bool:
     except Exception as err:  # any build failure: the torch fallback is correct, only slower
         if switch == "1":
             raise RuntimeError(f"{ENV_SWITCH}=1 but the CPU kernels did not build") from err
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(f"moe_core: the CPU kernels could not be built ({reason}); torch.topk and F.cross_entropy "
-                      f"run instead (same experts, the same loss to float rounding; slower). Set {ENV_SWITCH}=0 to "
-                      f"skip the attempt.", stacklevel=3)
-        return False
+        warnings.warn(f"moe_core: the CPU kernels could not be built ({_reason(err)}); torch.topk and "
+                      f"F.cross_entropy run instead (same experts, the same loss to float rounding; slower). Set "
+                      f"{ENV_SWITCH}=0 to skip the attempt.", stacklevel=3)
+        return ""
     torch.library.register_fake("moe_core::cpu_topk_indices", _topk_shape)  # cross_entropy runs eager only
-    return True
+    return flavour
 
 
-def _build(cpp_extension) -> None:
-    """Build and load the library, with OpenMP where asked for, else (or if that build fails) without."""
-    if _OPENMP:
+def _reason(err: Exception) -> str:
+    """The line of a build failure that says why: the compiler's first error, else the message's first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "error:" in line), lines[0] if lines else type(err).__name__)
+
+
+def _build(cpp_extension) -> str:
+    """Build and load the library, with OpenMP where asked for, else (or if that build fails) without; returns
+    which. A compiler that refused OpenMP once is not asked again (a note in the build folder remembers it)."""
+    if _openmp_flags(cpp_extension):
         try:
             _load(cpp_extension, _OPENMP)
-            return
+            return "openmp"
         except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"moe_core: the CPU kernels did not build with OpenMP ({reason}); building them without, so they "
-                  f"run on one thread", file=sys.stderr, flush=True)
+            print(f"moe_core: the CPU kernels did not build with OpenMP ({_reason(err)}); building them without, "
+                  f"so they run on one thread", file=sys.stderr, flush=True)
+            _load(cpp_extension, [])
+            note = _refusal_note(cpp_extension)
+            if note is not None:  # written only once the build without OpenMP worked
+                note.write_text(_reason(err) + "\n")
+            return "plain"
     _load(cpp_extension, [])
+    return "plain"
+
+
+def _openmp_flags(cpp_extension) -> list[str]:
+    """-fopenmp where it is asked for and the compiler has not refused it before."""
+    note = _refusal_note(cpp_extension) if _OPENMP else None
+    return _OPENMP if _OPENMP and not (note and note.exists()) else []
+
+
+def _refusal_note(cpp_extension) -> Path | None:
+    """Where a refusal of -fopenmp is remembered: the OpenMP build's folder in torch's extension cache."""
+    try:
+        return Path(cpp_extension._get_build_directory(_library_name(_OPENMP), verbose=False)) / "openmp_refused"
+    except Exception:  # a private helper: if it moves, each process asks the compiler again
+        return None
 
 
 def _load(cpp_extension, openmp: list[str]) -> None:
@@ -123,7 +148,7 @@ def _put_ninja_on_path() -> None:
 def _is_built(cpp_extension) -> bool:
     """Whether torch's extension cache already holds a build of the kernel (then loading takes no time)."""
     try:
-        name = _library_name(_OPENMP)
+        name = _library_name(_openmp_flags(cpp_extension))
         return (Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so").exists()
     except Exception:  # a private helper: if it moves, we only lose the message
         return True
@@ -131,7 +156,12 @@ def _is_built(cpp_extension) -> bool:
 
 @torch.compiler.assume_constant_result  # compiled code reads the answer; it does not trace the build
 def available() -> bool:
-    return _loaded()
+    return bool(_loaded())
+
+
+def threaded() -> bool:
+    """Whether the loaded kernels split their rows over torch's threads (built with OpenMP)."""
+    return _loaded() == "openmp"
 
 
 def eager_cpu(x: torch.Tensor) -> bool:

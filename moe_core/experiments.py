@@ -132,10 +132,12 @@ def step_losses(train_log: pd.DataFrame) -> pd.Series:
     """The training loss of every step, indexed by step, from a run's training log (`metrics(run)[0]`): each
     line holds the losses of the steps since the line before. Lines written before they held them give
     their own step's loss only."""
+    if train_log.empty:
+        return pd.Series(dtype=float, name="loss")
     windows = train_log["step_losses"] if "step_losses" in train_log else [None] * len(train_log)
     steps, losses = [], []
     for step, loss, window in zip(train_log["step"], train_log["loss"], windows):
-        window = window if isinstance(window, list) else [loss]
+        window = window if isinstance(window, list) and window else [loss]
         steps += range(int(step) - len(window) + 1, int(step) + 1)
         losses += window
     return pd.Series(losses, index=steps, name="loss")

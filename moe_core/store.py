@@ -146,9 +146,14 @@ def is_locked(run: Path) -> bool:
 def describe(run: Path) -> dict:
     """What a run directory holds, in one row: its labels, corpus, state and step, and the final validation
     loss once finished. State: finished, failed, training (a process holds the lock), stopped (paused, or its
-    process died: `train` resumes it) or new."""
-    cfg = read_json(run / "config.json")["config"]
-    status, results = read_status(run), read_json(run / "results.json") if (run / "results.json").exists() else {}
+    process died: `train` resumes it), new, or damaged (a file that cannot be read: `error` says which)."""
+    try:
+        cfg = read_json(run / "config.json")["config"]
+        status = read_status(run)
+        results = read_json(run / "results.json") if (run / "results.json").exists() else {}
+    except (OSError, ValueError, KeyError) as e:
+        return {"run_dir": str(run), "variant": None, "profile": None, "seed": None, "corpus": None,
+                "state": "damaged", "step": None, "steps": None, "val_loss": None, "error": f"{type(e).__name__}: {e}"}
     if results:
         state = "finished"
     elif status.get("state") == "failed":

@@ -365,9 +365,13 @@ class Trainer:
         if self.world.main:
             metrics = self.run / "metrics.jsonl"
             state = {"train_seconds": self.train_seconds, "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
-                     "step_losses": [float(v) for v in self.step_losses]}  # so a resumed run's next log line is whole
+                     "step_losses": self.pending_losses()}  # so a resumed run's next log line is whole
             store.save_checkpoint(self.run, step, self.model, self.optimizer, state)
             self.write_running_status(step)
+
+    def pending_losses(self) -> list[float]:
+        """The losses of the steps since the last log line, fetched from the device at once."""
+        return torch.stack(self.step_losses).tolist() if self.step_losses else []
 
     def write_running_status(self, step: int) -> None:
         """status.json while training: who trains the run, and the step it resumed from or last checkpointed."""
@@ -474,7 +478,7 @@ class Trainer:
         self.train_seconds += seconds
         tokens_per_s = tokens / seconds
         record = {"step": done, **{k: float(v) for k, v in stats.items()},
-                  "step_losses": torch.stack(self.step_losses).tolist(), "tokens_per_s": tokens_per_s,
+                  "step_losses": self.pending_losses(), "tokens_per_s": tokens_per_s,
                   "mfu": tokens_per_s * self.flops_per_token / self.peak_flops(), "train_seconds": self.train_seconds}
         self.step_losses = []
         if self.world.main:
@@ -546,7 +550,9 @@ def train(cfg: RunConfig, run_root: str | Path | None = None, cache_dir: str | P
         if state == FINISHED:  # another process finished it while this one waited for the lock
             return {**store.read_json(run / "results.json"), "cached": True} if world.main else None
         if state == FAILED:
-            status = store.read_status(run) if world.main else {"reason": "see rank 0", "last_checkpoint": 0}
+            if not world.main:
+                raise RunFailed(f"{run} failed earlier (rank 0 says why)")
+            status = store.read_status(run)
             retry = (f"from its last good checkpoint (step {status['last_checkpoint']})" if status.get("last_checkpoint")
                      else "from scratch (it has no checkpoint)")
             raise RunFailed(f"{run} failed earlier ({status['reason']}). Retried as it is, it trains the same steps "

@@ -3,6 +3,8 @@ CPU path and the Triton kernel of the CUDA path, which runs here on CPU tensors 
 where no GPU is (conftest.py sets TRITON_INTERPRET). Then the C++ cross-entropy against F.cross_entropy in
 fp64, and the fallbacks."""
 import functools
+import sys
+import types
 
 import pytest
 import torch
@@ -187,24 +189,31 @@ def test_a_failed_build_warns_and_falls_back_or_raises_when_required(monkeypatch
         cpu_kernels.available()
 
 
-def test_a_compiler_without_openmp_gets_a_build_without_it(monkeypatch, capsys):
+def test_a_compiler_without_openmp_gets_a_build_without_it(monkeypatch, capsys, tmp_path):
     """On Linux the library is built with -fopenmp (its row loops then use torch's threads); where that
-    build fails, a second one without it follows, and stderr says the kernels run on one thread."""
+    build fails, a second one without it follows, stderr quotes the compiler's error, and later processes
+    do not ask the compiler again."""
     calls = []
 
     def load(cpp_extension, openmp):
         calls.append(openmp)
         if openmp:
-            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+            raise RuntimeError("Error building extension 'x': [1/3] c++ -fopenmp ...\n"
+                               "clang: error: unsupported option '-fopenmp'\nninja: build stopped")
+    cache = types.SimpleNamespace(_get_build_directory=lambda name, verbose: tmp_path)  # torch's extension cache
     monkeypatch.setattr(cpu_kernels, "_load", load)
     monkeypatch.setattr(cpu_kernels, "_OPENMP", ["-fopenmp"])
-    cpu_kernels._build(None)
-    assert calls == [["-fopenmp"], []]
+    assert cpu_kernels._build(cache) == "plain" and calls == [["-fopenmp"], []]
     assert "did not build with OpenMP (clang: error: unsupported option '-fopenmp')" in capsys.readouterr().err
     calls.clear()
+    assert cpu_kernels._build(cache) == "plain" and calls == [[]]  # remembered
+    (tmp_path / "openmp_refused").unlink()
+    calls.clear()
+    monkeypatch.setattr(cpu_kernels, "_load", lambda cpp_extension, openmp: calls.append(openmp))
+    assert cpu_kernels._build(cache) == "openmp" and calls == [["-fopenmp"]]
+    calls.clear()
     monkeypatch.setattr(cpu_kernels, "_OPENMP", [])  # elsewhere (macOS): one build, without
-    cpu_kernels._build(None)
-    assert calls == [[]]
+    assert cpu_kernels._build(cache) == "plain" and calls == [[]]
 
 
 @needs_kernel
@@ -224,6 +233,8 @@ def test_kernels_give_the_same_bits_on_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*answers))
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():  # then two threads really ran
+        assert cpu_kernels.threaded()
 
 
 # ------------------------------------------------------------------ cross-entropy

@@ -444,18 +444,24 @@ def test_validation_settings_beyond_the_split_are_refused_by_name(setting, messa
     assert not (tmp_path / "runs").exists()
 
 
-def test_eval_of_an_unfinished_run_and_a_bad_rank_are_refused(tmp_path, capsys, monkeypatch):
+def test_eval_of_an_unfinished_run_and_a_bad_rank_are_refused(tmp_path, cache, capsys, monkeypatch):
     (tmp_path / "run").mkdir()
     assert main(["eval", str(tmp_path / "run")]) == 2
     assert f"invalid run_dir='{tmp_path / 'run'}': holds no run (no config.json)" in capsys.readouterr().err
-    assert main(["train", "--variant", "wide", "--profile", "tiny", "--steps", "9", "--run-root", str(tmp_path),
-                 "--set", "train.checkpoint_every=4", "--no-progress"]) == 0
-    (run,) = tmp_path.glob("wide_tiny_*")
-    (run / "results.json").unlink(), (run / "final.safetensors").unlink()  # as if killed before finishing
+    cfg = resolve("wide", "tiny", overrides={"train": {"steps": 9, "checkpoint_every": 4}})
+    train(cfg, tmp_path, cache, progress=False, stop_at=4)
+    run = store.run_dir(cfg, tmp_path)
     assert main(["eval", str(tmp_path)]) == 2
     assert "is a run store, not a run: pass one of its runs (`runs` lists them)" in capsys.readouterr().err
     assert main(["eval", str(run)]) == 2
-    assert "holds a run that has not finished (stopped at step 9 of 9)" in capsys.readouterr().err
+    assert "holds a run that has not finished (stopped at step 4 of 9); `train` with its settings finishes it" \
+        in capsys.readouterr().err
+    store.write_status(run, "failed", step=6, reason="non-finite loss", last_checkpoint=4)
+    assert main(["eval", str(run)]) == 2
+    assert "holds a run that failed at step 6 of 9 (status.json says why)" in capsys.readouterr().err
+    (run / "config.json").write_text("{")
+    assert main(["eval", str(run)]) == 2
+    assert "holds a run whose files cannot be read (JSONDecodeError" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "x")
     assert main(["train", "--variant", "wide", "--profile", "tiny", "--run-root", str(tmp_path / "runs")]) == 2
     assert "invalid RANK='x': must be an integer (torchrun sets it)" in capsys.readouterr().err
@@ -531,6 +537,11 @@ def test_runs_lists_the_store_with_each_runs_state(tmp_path, cache, capsys):
         assert store.describe(store.run_dir(stopped, tmp_path))["state"] == "training"
     assert main(["runs", "--run-root", str(tmp_path), "--variant", "deep"]) == 0
     assert [r["variant"] for r in json.loads(capsys.readouterr().out.splitlines()[-1])["runs"]] == ["deep"]
+    (store.run_dir(finished, tmp_path) / "results.json").write_text("{")
+    assert main(["runs", "--run-root", str(tmp_path), "--variant", "deep"]) == 0  # a damaged run shows anyway
+    out = capsys.readouterr().out
+    assert [r["state"] for r in json.loads(out.splitlines()[-1])["runs"]] == ["stopped", "damaged"]
+    assert "damaged   JSONDecodeError" in out
 
 
 def test_params_takes_settings(capsys):

@@ -249,3 +249,7 @@ def test_step_losses_unpack_each_lines_steps_and_read_older_lines_as_one_step():
     assert loss_spikes(every) == 1 and loss_spikes(log["loss"]) == 0  # the spike lies between two lines
     old = step_losses(log.drop(columns="step_losses"))
     assert old.index.tolist() == [2, 3, 6] and old.tolist() == [4.0, 3.5, 3.0]
+    resumed = pd.DataFrame({"step": [4, 8], "loss": [3.0, 2.5], "step_losses": [[3.1, 3.0], [2.6, 2.5]]})
+    assert step_losses(resumed).index.tolist() == [3, 4, 7, 8]  # steps a window lacks stay absent, not shifted
+    assert step_losses(pd.DataFrame({"step": [5], "loss": [2.0], "step_losses": [[]]})).tolist() == [2.0]
+    assert step_losses(pd.DataFrame()).empty

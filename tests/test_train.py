@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,6 +169,19 @@ def test_cli_list_params_train_eval(tmp_path, cache):
         assert evaluated.returncode == 0, evaluated.stderr
         hops[flags] = json.loads(evaluated.stdout.strip().splitlines()[-1])["mean_hops"]
     assert list(hops.values()) == [3.0, 1.0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_eval_runs_where_the_run_trained_or_on_the_cpu_without_cuda(tmp_path, cache, capsys):
+    from moe_core.__main__ import main
+
+    result = train(resolve("wide", "tiny", overrides={"train": {"steps": 3}}), tmp_path, cache, progress=False)
+    assert main(["eval", result["run_dir"], "--cache-dir", str(cache)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1])["val_loss"] == result["val_loss"] and "eval:" not in err
+    store.write_json(Path(result["run_dir"]) / "results.json", {**result, "device": "cuda:0"})  # as if from a GPU
+    assert main(["eval", result["run_dir"], "--cache-dir", str(cache)]) == 0
+    assert "the run trained on CUDA and this machine has none; evaluating on the CPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
