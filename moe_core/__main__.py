@@ -182,8 +182,8 @@ def training_device(run: Path) -> str:
 
     trained = read_json(run / "results.json").get("device", "cpu").split(":")[0]
     if trained == "cuda" and not torch.cuda.is_available():
-        print("eval: the run trained on CUDA and this machine has none; evaluating on the CPU (in fp32, where "
-              "training used bf16 autocast)", file=sys.stderr)
+        print("eval: the run trained on CUDA and this machine has none; evaluating on the CPU (with precision auto: "
+              "in fp32, where training used bf16 autocast)", file=sys.stderr)
         return "cpu"
     return trained
 

@@ -154,13 +154,14 @@ def describe(run: Path) -> dict:
     except (OSError, ValueError, KeyError) as e:
         return {"run_dir": str(run), "variant": None, "profile": None, "seed": None, "corpus": None,
                 "state": "damaged", "step": None, "steps": None, "val_loss": None, "error": f"{type(e).__name__}: {e}"}
+    checkpoints = checkpoint_steps(run)
     if results:
         state = "finished"
     elif status.get("state") == "failed":
         state = "failed"
     else:
-        state = "training" if is_locked(run) else "stopped" if status or checkpoint_steps(run) else "new"
-    step = results.get("steps", status.get("step", max(checkpoint_steps(run), default=0)))
+        state = "training" if is_locked(run) else "stopped" if status or checkpoints else "new"
+    step = results.get("steps", status.get("step", max(checkpoints, default=0)))
     return {"run_dir": str(run), "variant": cfg["variant"], "profile": cfg["profile"], "seed": cfg["seed"],
             "corpus": cfg["data"]["corpus"], "state": state, "step": step, "steps": cfg["train"]["steps"],
             "val_loss": results.get("val_loss")}
