@@ -99,7 +99,18 @@ def cmd_train(args) -> dict | None:
     from .train import train
 
     cfg = resolve(args.variant, args.profile, args.seed, run_overrides(args))
+    note_short_schedule([cfg])
     return train(cfg, **train_options(args))
+
+
+def note_short_schedule(configs) -> None:
+    """Say so when a run ends inside its warm-up (`--steps 30` at the paper profile, say): its learning rate
+    never reaches train.lr, which a reader of its loss should know. Allowed: short runs time the trainer."""
+    for t in dict.fromkeys(cfg.train for cfg in configs):
+        if t.steps <= t.warmup_steps:
+            print(f"note: train.steps={t.steps} <= train.warmup_steps={t.warmup_steps}: the learning rate stays in its "
+                  f"warm-up and peaks at {t.lr * t.steps / t.warmup_steps:.3g}, {100 * t.steps / t.warmup_steps:.0f}% of "
+                  f"train.lr={t.lr:g}", file=sys.stderr)
 
 
 def cmd_sweep(args) -> dict | None:
@@ -112,6 +123,7 @@ def cmd_sweep(args) -> dict | None:
     everything = [resolve(v, args.profile, s, overrides) for v in dict.fromkeys(args.variant)
                   for s in dict.fromkeys(args.seed)]  # dict.fromkeys: a name or seed given twice counts once
     configs = everything[index::count]
+    note_short_schedule(configs)
     if not configs:
         print(f"sweep: shard {index}/{count} holds none of the {len(everything)} runs", file=sys.stderr)
     options, results, failed = train_options(args), [], []

@@ -513,6 +513,16 @@ def test_a_failed_run_does_not_stop_the_rest_of_a_sweep(tmp_path, capsys, monkey
     assert err.count("error: deep s") == 2
 
 
+def test_a_run_that_ends_inside_its_warm_up_is_noted(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("moe_core.train.train", lambda cfg, **options: dict.fromkeys(
+        ("run_dir", "variant", "seed", "val_loss", "val_ppl", "cached")))  # trains nothing
+    assert main(["train", "--variant", "wide", "--profile", "tiny", "--steps", "4", "--run-root", str(tmp_path)]) == 0
+    assert ("note: train.steps=4 <= train.warmup_steps=5: the learning rate stays in its warm-up and peaks at "
+            "0.0024, 80% of train.lr=0.003") in capsys.readouterr().err
+    assert main(["sweep", "--variant", "wide", "deep", "--profile", "tiny", "--run-root", str(tmp_path)]) == 0
+    assert "note:" not in capsys.readouterr().err  # 30 steps: past the warm-up
+
+
 def test_an_interrupt_ends_with_one_line_and_status_130(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
