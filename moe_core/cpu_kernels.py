@@ -93,26 +93,26 @@ def _reason(err: Exception) -> str:
 def _build(cpp_extension) -> str:
     """Build and load the library, with OpenMP where asked for, else (or if that build fails) without; returns
     which. A compiler that refused OpenMP once is not asked again (a note in the build folder remembers it)."""
+    refusal = None
     if _openmp_flags(cpp_extension):
         try:
             _load(cpp_extension, _OPENMP)
             return "openmp"
         except Exception as err:
-            print(f"moe_core: the CPU kernels did not build with OpenMP ({_reason(err)}); building them without, "
-                  f"so they run on one thread", file=sys.stderr, flush=True)
-            _load(cpp_extension, [])
-            note = _refusal_note(cpp_extension)
-            if note is not None:  # written only once the build without OpenMP worked
-                note.write_text(_reason(err) + "\n")
-            return "plain"
+            refusal = _reason(err)
+            print(f"moe_core: the CPU kernels did not build with OpenMP ({refusal}); building them without, so they "
+                  f"run on one thread", file=sys.stderr, flush=True)
     _load(cpp_extension, [])
+    note = _refusal_note(cpp_extension) if refusal else None
+    if note is not None:  # written only once the build without OpenMP worked
+        note.write_text(refusal + "\n")
     return "plain"
 
 
 def _openmp_flags(cpp_extension) -> list[str]:
     """-fopenmp where it is asked for and the compiler has not refused it before."""
     note = _refusal_note(cpp_extension) if _OPENMP else None
-    return _OPENMP if _OPENMP and not (note and note.exists()) else []
+    return [] if note is not None and note.exists() else _OPENMP
 
 
 def _refusal_note(cpp_extension) -> Path | None:
