@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm  # text bars: a static book cannot show widgets
 
 from . import store
 from .config import RunConfig
 from .data import prepare_data
+from .progress import progress_bar
 from .train import default_cache_dir, default_run_root, train
 from .variants import resolve
 
@@ -64,7 +64,7 @@ def train_missing(configs: list[RunConfig], root: Path, workers: int, desc: str)
     missing = {str(store.run_dir(cfg, root)): cfg for cfg in configs}  # a spec listed twice trains once
     missing = {run: cfg for run, cfg in missing.items() if not (Path(run) / "results.json").exists()}
     trained = {}
-    with tqdm(total=len(missing), desc=desc, unit="run") as bar:
+    with progress_bar(len(missing), desc, "run", disable=not missing) as bar:  # silent when all are stored
         if workers <= 1 or len(missing) <= 1:
             for run, cfg in missing.items():
                 trained[run] = train(cfg, root, progress=False)

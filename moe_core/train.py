@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm  # text bars: a static book cannot show widgets
 
 from . import cpu_kernels, store
 from .config import ConfigError, RunConfig, TrainConfig, validate
@@ -38,6 +37,7 @@ from .evaluate import autocast_for, evaluate, matmul_dtype, resolve_device, rout
 from .model import MoETransformer
 from .params import count_parameters
 from .perf import matmul_peak_flops, train_flops_per_token
+from .progress import progress_bar
 from .routing import router_z_loss, switch_balance_loss
 from .trajectory import HopEvent
 
@@ -433,8 +433,7 @@ class Trainer:
         self.model.train()
         log_every = max(1, t.steps // 200)
         name = f"{cfg.variant}/{cfg.profile}/s{cfg.seed}"
-        bar = tqdm(total=t.steps, initial=start, disable=not (self.progress and main), unit="step", file=sys.stderr,
-                   desc=name, dynamic_ncols=True, mininterval=1.0)
+        bar = progress_bar(t.steps, name, "step", initial=start, disable=not (self.progress and main), mininterval=1.0)
         tokens_done, watch = 0, Stopwatch()  # tokens and training seconds since the last log line
         try:
             for step in range(start, t.steps):
@@ -484,7 +483,7 @@ class Trainer:
         if self.world.main:
             self.log(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{math.exp(min(record['loss'], 50)):.1f}",
-                        tok_s=f"{tokens_per_s:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
+                        tok_s=f"{tokens_per_s:.0f}", mfu=f"{100 * record['mfu']:.1f}%", refresh=False)
 
     def finish(self) -> dict:
         """Final evaluation and the result files; results.json is written last, then checkpoints go."""

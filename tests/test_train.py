@@ -375,3 +375,10 @@ for _ in range(10):  # four 8 MiB tensors alive together, then freed, as a step'
         pytest.skip("the C library has no glibc mallopt")
     faulting = [int(n) for n in rounds if int(n) >= 100]
     assert len(faulting) <= 2, rounds
+
+
+def test_training_into_a_log_file_writes_its_bar_as_lines(tmp_path, cache, capsys):
+    train(resolve("wide", "tiny", overrides={"train": {"steps": 3}}), tmp_path, cache)  # pytest's stderr is no terminal
+    err = capsys.readouterr().err
+    bar = [line for line in err.splitlines() if line.startswith("wide/tiny/s42:")]
+    assert "\r" not in err and "0/3" in bar[0] and "3/3" in bar[-1] and "loss=" in bar[-1]
