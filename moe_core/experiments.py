@@ -90,7 +90,7 @@ def run_grid(specs: list[RunSpec], profile: str, run_root: str | Path | None = N
     trained = train_missing(configs, root, grid_workers(configs) if workers is None else workers, f"runs ({profile})")
     rows = []
     for spec, cfg in zip(specs, configs):
-        result = trained.pop(str(store.run_dir(cfg, root)), None) or train(cfg, root, progress=False)
+        result = trained.get(str(store.run_dir(cfg, root))) or train(cfg, root, progress=False)
         rows.append({"label": spec.label or spec.variant, "variant": spec.variant, "seed": spec.seed,
                      "val_loss": result["val_loss"], "val_ppl": result["val_ppl"],
                      "train_seconds": result["train_seconds"], "tokens_per_s": result["tokens_per_s"],

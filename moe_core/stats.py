@@ -117,6 +117,12 @@ def _inside(lo: float, hi: float, delta: float) -> bool:
     return bool(-edge <= lo and hi <= edge)
 
 
+def _outside(lo: float, hi: float, delta: float) -> bool:
+    """Whether [lo, hi] lies entirely beyond +-delta; a bound on the margin (up to rounding) counts as inside."""
+    edge = delta * (1 + _REL_TOL)
+    return bool(lo > edge or hi < -edge)
+
+
 def _tost_p(means: np.ndarray, delta: float) -> float:
     """Larger of the bootstrap one-sided p-values: the share of means strictly beyond either margin."""
     edge = delta * (1 + _REL_TOL)
@@ -174,16 +180,25 @@ def pairwise_equivalence(losses: dict, deltas=(0.02, 0.03, 0.05), blocks=(1, 5, 
     return pd.DataFrame(rows)
 
 
+def _column(table, name: str, asked: str):
+    """A column of a pairwise_equivalence table, or an error naming what was asked and the columns of its kind."""
+    if name not in table.columns:
+        available = [c for c in table.columns if c.split("_")[0] == name.split("_")[0]]  # tost_*, ci90_*
+        raise ValueError(f"no column {name!r} for {asked}; available: {available}")
+    return table[name]
+
+
 def equivalence_counts(table, deltas, block: int = 1) -> dict:
     """Number of pairs declared equivalent at each margin (Table 14), from a pairwise_equivalence table."""
-    counts = {}
-    for delta in deltas:
-        column = f"tost_{float(delta)}_b{block}"
-        if column not in table.columns:
-            available = [c for c in table.columns if c.startswith("tost_")]
-            raise ValueError(f"no column {column!r} for delta={delta}, block={block}; available: {available}")
-        counts[float(delta)] = int(table[column].sum())
-    return counts
+    return {float(d): int(_column(table, f"tost_{float(d)}_b{block}", f"delta={d}, block={block}").sum())
+            for d in deltas}
+
+
+def outside_counts(table, deltas, block: int = 1) -> dict:
+    """Number of pairs clearly different at each margin: the whole 90% CI beyond +-delta, a gap larger than
+    the margin (neither equivalent nor undecided). The complement of `equivalence_counts`' rule at the edge."""
+    lo, hi = (_column(table, f"ci90_{end}_b{block}", f"block={block}") for end in ("lo", "hi"))
+    return {float(d): sum(_outside(a, b, _check_positive(d, "delta")) for a, b in zip(lo, hi)) for d in deltas}
 
 
 def seed_tost(values_a, values_b, bound: float) -> dict:

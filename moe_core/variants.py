@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from functools import lru_cache
 from pathlib import Path
 
@@ -67,7 +68,7 @@ SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
 def _section(values: dict, scale: dict, where: str) -> dict:
     """Scale symbols replaced in one section; string fields keep their text (a corpus named "E" stays "E")."""
-    text = {f.name for f in dataclasses.fields(SECTIONS[where]) if f.type == "str"}
+    text = {name for name, kind in typing.get_type_hints(SECTIONS[where]).items() if kind is str}
     return {k: v if k in text else _symbol(v, scale, f"{where}.{k}") for k, v in values.items()}
 
 

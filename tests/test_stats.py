@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from moe_core.experiments import loss_spikes, step_losses, summarise
-from moe_core.stats import (bootstrap_means, equivalence_counts, paired_bootstrap, paired_differences,
+from moe_core.stats import (bootstrap_means, equivalence_counts, outside_counts, paired_bootstrap, paired_differences,
                             pairwise_equivalence, ppl_gap_in_ce, seed_interval, seed_tost, tost)
 
 N = 50  # validation batches, as in the paper
@@ -129,6 +129,18 @@ def test_pairwise_equivalence_table():
         assert counts[0.02] == 1 and counts[0.03] == 3
     with pytest.raises(ValueError, match="block=7"):
         equivalence_counts(table, deltas, block=7)
+    # wide-deep's interval lies beyond 0.02 on the negative side; nothing lies beyond 0.03
+    assert outside_counts(table, deltas) == {0.02: 1, 0.03: 0, 0.05: 0}
+    assert outside_counts(table, [0.02]) == {0.02: int((table["ci90_hi_b1"] < -0.02).sum())}
+    with pytest.raises(ValueError, match="block=7"):
+        outside_counts(table, deltas, block=7)
+
+
+def test_an_interval_on_the_margin_is_inside_and_not_outside():
+    edge = pd.DataFrame({"ci90_lo_b1": [-0.03 * (1 + 1e-12)], "ci90_hi_b1": [-0.03]})
+    assert outside_counts(edge, [0.03]) == {0.03: 0}
+    beyond = pd.DataFrame({"ci90_lo_b1": [-0.05], "ci90_hi_b1": [-0.0301]})
+    assert outside_counts(beyond, [0.03]) == {0.03: 1}
 
 
 def welch_tost_by_hand(a, b, bound):
