@@ -93,6 +93,11 @@ def paired_bootstrap(diffs, n_resamples: int = 10_000, seed: int = 42, block: in
             "n": int(d.size), "block": int(block)}
 
 
+def pct_change(new, base):
+    """Change of `new` over `base` in percent, 100 (new / base - 1): the papers' Delta-PPL%. Floats or arrays."""
+    return 100.0 * (new / base - 1.0)
+
+
 def ppl_gap_in_ce(mean_a: float, std_a: float, mean_b: float, std_b: float) -> tuple[float, float]:
     """Two seed-mean PPLs (mean, std) as a cross-entropy gap and noise, the units of the paper's margin:
     ln(mean_a / mean_b), and the mean of the two seed stds of ln PPL (about std / mean each)."""

@@ -7,7 +7,7 @@ import pytest
 
 from moe_core.experiments import loss_spikes, step_losses, summarise
 from moe_core.stats import (bootstrap_means, equivalence_counts, outside_counts, paired_bootstrap, paired_differences,
-                            pairwise_equivalence, ppl_gap_in_ce, seed_interval, seed_tost, tost)
+                            pairwise_equivalence, pct_change, ppl_gap_in_ce, seed_interval, seed_tost, tost)
 
 N = 50  # validation batches, as in the paper
 R = 2000  # resamples: enough for stable CIs, fast on a shared CPU
@@ -265,3 +265,8 @@ def test_step_losses_unpack_each_lines_steps_and_read_older_lines_as_one_step():
     assert step_losses(resumed).index.tolist() == [3, 4, 7, 8]  # steps a window lacks stay absent, not shifted
     assert step_losses(pd.DataFrame({"step": [5], "loss": [2.0], "step_losses": [[]]})).tolist() == [2.0]
     assert step_losses(pd.DataFrame()).empty
+
+
+def test_pct_change_is_the_papers_delta_ppl():
+    assert pct_change(37.26, 34.62) == pytest.approx(7.6257, abs=1e-4)  # Table 4: frozen routing, +7.6%
+    assert list(pct_change(pd.Series([110.0, 90.0]), 100.0)) == pytest.approx([10.0, -10.0])

@@ -16,23 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import evaluate, inference
+from ..evaluate import evaluate
 from ..experts import RankExperts
-from ..model import ModelOutput, MoETransformer
+from ..model import MoETransformer
+from ..stats import pct_change
 from ..trajectory import HopEvent, Interventions
+from .common import perplexity, require_moe, traced_forward
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _require_moe(model: MoETransformer, what: str) -> None:
-    if model.cfg.ffn != "moe":
-        raise ValueError(f"{what} needs an MoE model; this one has dense FFNs")
-
-
-def _forward(model: MoETransformer, tokens: torch.Tensor, iv: Interventions) -> ModelOutput:
-    with inference(model):
-        return model(tokens.to(model.embed.weight.device), iv=iv)
 
 
 def _hops_by_layer(events: list[HopEvent]) -> dict[int, list[HopEvent]]:
@@ -79,7 +71,7 @@ def best_abs_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _rank_experts(model: MoETransformer, what: str) -> list[RankExperts]:
-    _require_moe(model, what)
+    require_moe(model, what)
     banks = [block.ffn.experts for block in model.blocks]
     if not isinstance(banks[0], RankExperts):
         raise ValueError(f"{what} needs rank-r experts (W_down, W_up); this model has {model.cfg.expert} experts")
@@ -105,8 +97,8 @@ def hop_collinearity(model: MoETransformer, tokens: torch.Tensor) -> dict:
     layer, then over the layers running >= 2 hops; a zero update counts as cosine 0.
     Returns {"layers", "per_layer", "mean"}.
     """
-    _require_moe(model, "hop_collinearity")
-    hops = _hops_by_layer(_forward(model, tokens, Interventions(trace=True)).events)
+    require_moe(model, "hop_collinearity")
+    hops = _hops_by_layer(traced_forward(model, tokens, Interventions(trace=True)).events)
     per_layer = {layer: cosine(ev[0].update, ev[1].update).mean().item()
                  for layer, ev in hops.items() if len(ev) >= 2}
     return _multi_hop_summary(per_layer, "hop_collinearity")
@@ -119,8 +111,8 @@ def hop_jaccard(model: MoETransformer, tokens: torch.Tensor, freeze_routing: boo
     (paper: 0.970 converged, 0.102 underfit). With freeze_routing it is 1 by construction.
     Returns {"layers", "per_layer", "mean"}.
     """
-    _require_moe(model, "hop_jaccard")
-    hops = _hops_by_layer(_forward(model, tokens, Interventions(freeze_routing=freeze_routing)).events)
+    require_moe(model, "hop_jaccard")
+    hops = _hops_by_layer(traced_forward(model, tokens, Interventions(freeze_routing=freeze_routing)).events)
     per_layer = {layer: torch.stack([set_jaccard(a.routing.idx, b.routing.idx).mean()
                                      for a, b in zip(ev, ev[1:])]).mean().item()
                  for layer, ev in hops.items() if len(ev) >= 2}
@@ -135,10 +127,10 @@ def frozen_routing(model: MoETransformer, batches, device: torch.device, precisi
     +7.6%, Jaccard 0.970). Needs a layer with >= 2 hops, like hop_jaccard.
     """
     jaccard = hop_jaccard(model, batches[0][0])["mean"]
-    normal = evaluate(model, batches, device, precision)["val_ppl"]
-    frozen = evaluate(model, batches, device, precision, Interventions(freeze_routing=True))["val_ppl"]
-    return {"normal_ppl": normal, "frozen_ppl": frozen,
-            "delta_ppl_pct": 100.0 * (frozen / normal - 1.0), "jaccard": jaccard}
+    normal = perplexity(model, batches, device, precision)
+    frozen = perplexity(model, batches, device, precision, Interventions(freeze_routing=True))
+    return {"normal_ppl": normal, "frozen_ppl": frozen, "delta_ppl_pct": pct_change(frozen, normal),
+            "jaccard": jaccard}
 
 # ---------------------------------------------------------------------------------------------
 # early exit (4.5)
@@ -154,7 +146,7 @@ def halting_sweep(model: MoETransformer, batches, device: torch.device,
     for uniform hops), "val_ppl", "delta_ppl_pct" (vs eps = 0)}. Paper, converged Deep 3x4:
     eps 0.10 -> 2.25 hops, 25.0% saved, +0.12% ppl.
     """
-    _require_moe(model, "halting_sweep")
+    require_moe(model, "halting_sweep")
     if not all(e > 0 for e in eps):  # written so that a NaN fails too
         raise ValueError(f"halting thresholds must be > 0 (eps = 0 is the baseline row), got {eps}")
     scheduled = sum(model.cfg.hops_per_layer())
@@ -164,7 +156,7 @@ def halting_sweep(model: MoETransformer, batches, device: torch.device,
         rows.append({"eps": e, "mean_hops": r["mean_hops"], "hops_per_layer": r["hops_per_layer"],
                      "flop_saving": 1.0 - sum(r["hops_per_layer"]) / scheduled, "val_ppl": r["val_ppl"]})
     for row in rows:
-        row["delta_ppl_pct"] = 100.0 * (row["val_ppl"] / rows[0]["val_ppl"] - 1.0)
+        row["delta_ppl_pct"] = pct_change(row["val_ppl"], rows[0]["val_ppl"])
     return rows
 
 
@@ -188,9 +180,9 @@ def expert_zeroing(model: MoETransformer, batches, device: torch.device, precisi
 
     Returns {"normal_ppl", "zeroed_ppl", "ratio"} (paper: Wide 33.9 -> 494.5, Deep 34.6 -> 846.9).
     """
-    _require_moe(model, "expert_zeroing")
-    normal = evaluate(model, batches, device, precision)["val_ppl"]
-    zeroed = evaluate(model, batches, device, precision, Interventions(zero_moe=True))["val_ppl"]
+    require_moe(model, "expert_zeroing")
+    normal = perplexity(model, batches, device, precision)
+    zeroed = perplexity(model, batches, device, precision, Interventions(zero_moe=True))
     return {"normal_ppl": normal, "zeroed_ppl": zeroed, "ratio": zeroed / normal}
 
 
@@ -203,7 +195,7 @@ def moe_attention_norm_ratio(model: MoETransformer, tokens: torch.Tensor) -> dic
     (paper: Wide 0.396, Deep 1.482). Dense models give the FFN/attention ratio. Returns
     {"per_layer", "mean"}.
     """
-    out = _forward(model, tokens, Interventions(trace=True))
+    out = traced_forward(model, tokens, Interventions(trace=True))
     per_layer = [(ffn / attn).mean().item() for attn, ffn in zip(out.attn_norms, out.ffn_norms)]
     return {"per_layer": per_layer, "mean": sum(per_layer) / len(per_layer)}
 

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..evaluate import evaluate
 from ..model import MoETransformer
+from ..stats import pct_change
 from ..trajectory import Interventions
-from .mechanism import _forward, _require_moe, cosine, set_jaccard
+from .common import perplexity, require_moe, traced_forward
+from .mechanism import cosine, set_jaccard
 from .utilisation import as_numpy, entropy_bits, selection_shares
 
 # ---------------------------------------------------------------------------------------------
@@ -82,8 +83,8 @@ def routing_record(model: MoETransformer, tokens: torch.Tensor, iv: Intervention
     [N, k], "probs": per layer [N, E] fp32, or None where the router has no probabilities (hash)}.
     Records of several batches pool with torch.cat along dim 0. `iv` perturbs the routing (4.6).
     """
-    _require_moe(model, "routing_record")
-    events = [e for e in _forward(model, tokens, iv or Interventions()).events if e.hop == 0]
+    require_moe(model, "routing_record")
+    events = [e for e in traced_forward(model, tokens, iv or Interventions()).events if e.hop == 0]
     events.sort(key=lambda e: e.layer)
     topk = [e.routing.idx.cpu() for e in events]
     probs = [None if e.routing.probs is None else e.routing.probs.float().cpu() for e in events]
@@ -378,17 +379,6 @@ def top_tokens_per_path(top1, tokens, m: int, n_top: int = 10) -> list[dict]:
 # robustness to routing perturbations (4.6)
 
 
-def _ppl(model: MoETransformer, batches, device: torch.device, precision: str,
-         iv: Interventions | None = None) -> float:
-    """Validation perplexity over `batches`, under the interventions `iv`."""
-    return evaluate(model, batches, device, precision, iv)["val_ppl"]
-
-
-def _increase_pct(clean: float, perturbed: float) -> float:
-    """Delta-PPL% = 100 (perturbed / clean - 1)."""
-    return 100.0 * (perturbed / clean - 1.0)
-
-
 def expert_permutations(n_layers: int, n_experts: int, seed: int = 0, layers=None) -> list[torch.Tensor]:
     """One random permutation of the expert ids per layer; identity outside `layers` (None: all).
 
@@ -428,15 +418,15 @@ def shuffle_robustness(model: MoETransformer, batches, device: torch.device, see
     over the draws, "increase_std" (over the draws; nan for one), "layers"} (paper: +237% PathB4 vs
     +5328% Indep).
     """
-    _require_moe(model, "shuffle_robustness")
+    require_moe(model, "shuffle_robustness")
     if draws < 1:
         raise ValueError(f"draws={draws}: need at least one draw of permutations")
     n_layers = model.cfg.n_layers
-    clean = _ppl(model, batches, device, precision)
-    shuffled = [_ppl(model, batches, device, precision, Interventions(
+    clean = perplexity(model, batches, device, precision)
+    shuffled = [perplexity(model, batches, device, precision, Interventions(
         expert_permutation=expert_permutations(n_layers, model.cfg.n_experts, seed + draw, layers)))
         for draw in range(draws)]
-    increases = [_increase_pct(clean, s) for s in shuffled]
+    increases = [pct_change(s, clean) for s in shuffled]
     return {"clean_ppl": clean, "shuffled_ppl": float(np.mean(shuffled)), "increase_pct": float(np.mean(increases)),
             "increase_std": float(np.std(increases, ddof=1)) if draws > 1 else math.nan,
             "layers": list(range(n_layers)) if layers is None else sorted(layers)}
@@ -448,11 +438,13 @@ def single_layer_shuffle(model: MoETransformer, batches, device: torch.device, s
 
     Returns {"clean_ppl", "per_layer_pct": one Delta-PPL% per layer, "increase_pct": their mean}.
     """
-    _require_moe(model, "single_layer_shuffle")
+    require_moe(model, "single_layer_shuffle")
     n_layers, n_experts = model.cfg.n_layers, model.cfg.n_experts
-    clean = _ppl(model, batches, device, precision)
-    per_layer = [_increase_pct(clean, _ppl(model, batches, device, precision, Interventions(
-        expert_permutation=expert_permutations(n_layers, n_experts, seed, [layer])))) for layer in range(n_layers)]
+    clean = perplexity(model, batches, device, precision)
+    per_layer = []
+    for layer in range(n_layers):
+        iv = Interventions(expert_permutation=expert_permutations(n_layers, n_experts, seed, [layer]))
+        per_layer.append(pct_change(perplexity(model, batches, device, precision, iv), clean))
     return {"clean_ppl": clean, "per_layer_pct": per_layer, "increase_pct": float(np.mean(per_layer))}
 
 
@@ -463,14 +455,14 @@ def token_fraction_shuffle(model: MoETransformer, batches, device: torch.device,
     The tokens are positions in a [B, T] batch, so every batch must have the same shape; rho = 1
     is shuffle_robustness over all layers. One row per rho: {"rho", "clean_ppl", "ppl", "increase_pct"}.
     """
-    _require_moe(model, "token_fraction_shuffle")
+    require_moe(model, "token_fraction_shuffle")
     n_tokens = batches[0][0].numel()
-    clean = _ppl(model, batches, device, precision)
+    clean = perplexity(model, batches, device, precision)
     rows = []
     for rho in rhos:
         tables = token_permutations(n_tokens, model.cfg.n_layers, model.cfg.n_experts, rho, seed)
-        ppl = _ppl(model, batches, device, precision, Interventions(expert_permutation=tables))
-        rows.append({"rho": rho, "clean_ppl": clean, "ppl": ppl, "increase_pct": _increase_pct(clean, ppl)})
+        ppl = perplexity(model, batches, device, precision, Interventions(expert_permutation=tables))
+        rows.append({"rho": rho, "clean_ppl": clean, "ppl": ppl, "increase_pct": pct_change(ppl, clean)})
     return rows
 
 
@@ -485,18 +477,18 @@ def router_noise_robustness(model: MoETransformer, batches, device: torch.device
     their own noise draws (the PPL pass continues the generator): the overlap from `routing_record`, without
     autocast, the PPL from `evaluate` in `precision` (bf16 on CUDA under "auto").
     """
-    _require_moe(model, "router_noise_robustness")
+    require_moe(model, "router_noise_robustness")
     clean_sets = [routing_record(model, x)["topk"] for x, _ in batches]
-    clean = _ppl(model, batches, device, precision)
+    clean = perplexity(model, batches, device, precision)
     rows = []
     for sigma in sigmas:
         iv = Interventions(router_noise=sigma)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             noisy_sets = [routing_record(model, x, iv)["topk"] for x, _ in batches]
-            ppl = _ppl(model, batches, device, precision, iv)
+            ppl = perplexity(model, batches, device, precision, iv)
         jaccard = np.mean([set_jaccard(a, b).mean().item() for clean_batch, noisy_batch in zip(clean_sets, noisy_sets)
                            for a, b in zip(clean_batch, noisy_batch)])
         rows.append({"sigma": sigma, "jaccard": float(jaccard), "clean_ppl": clean, "ppl": ppl,
-                     "increase_pct": _increase_pct(clean, ppl)})
+                     "increase_pct": pct_change(ppl, clean)})
     return rows
