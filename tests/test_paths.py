@@ -6,8 +6,10 @@ import torch
 
 from moe_core.analysis.paths import (
     aligned_labels,
-    block_path_entropy, consecutive_agreement, consecutive_correlation, consecutive_jaccard, expert_loads,
-    expert_permutations, expert_usage_entropy, path_class_alignment, path_statistics, router_noise_robustness,
+    block_path_entropy, consecutive_agreement, consecutive_correlation, consecutive_jaccard, consecutive_pairs,
+    expert_loads,
+    expert_permutations, expert_usage_entropy, pair_within_block, path_class_alignment, path_statistics,
+    record_summary, router_noise_robustness,
     routing_record, run_length_histogram, shuffle_robustness, single_layer_shuffle, split_by_block,
     sustained_engagement, token_class, token_fraction_shuffle, token_permutations, token_routing_entropy,
     top_path_labels, top_tokens_per_path, unique_paths_curve,
@@ -276,6 +278,26 @@ def random_set_jaccard(n, k):
 
 # ---------------------------------------------------------------------------------------------
 # on a tiny model
+
+
+def test_pairs_within_a_block_are_those_split_by_block_counts_inside():
+    assert [pair_within_block(layer, 4) for layer in range(7)] == [True, True, True, False, True, True, True]
+    assert [pair_within_block(layer, 1) for layer in range(3)] == [False] * 3
+
+
+def test_record_summary_and_consecutive_pairs_agree_with_the_single_measures():
+    rec = routing_record(build(), TOKENS)  # PathB4 at tiny: 4 layers, 8 experts, one block of 4 by default
+    summary = record_summary(rec, 8, block=2)
+    stats = path_statistics(rec["top1"])
+    assert summary["path_entropy_bits"] == stats["path_entropy_bits"] and summary["unique_paths"] == stats["unique_paths"]
+    assert summary["block_path_entropy_bits"] == pytest.approx(sum(block_path_entropy(rec["top1"], 2)) / 2)
+    assert summary["nmi"] == pytest.approx(sum(a["nmi"] for a in consecutive_agreement(rec["top1"], 8)) / 3)
+    pairs = consecutive_pairs(rec, 8, block=2)
+    assert [(p["pair"], p["within_block"]) for p in pairs] == [("0-1", True), ("1-2", False), ("2-3", True)]
+    assert [p["jaccard"] for p in pairs] == consecutive_jaccard(rec["topk"])
+    assert summary["jaccard"] == pytest.approx(sum(p["jaccard"] for p in pairs) / 3)
+    with pytest.raises(ValueError, match="block=3"):
+        consecutive_pairs(rec, 8, block=3)
 
 
 def test_routing_record_shapes():

@@ -38,7 +38,7 @@ from ..stats import pct_change
 from ..trajectory import Interventions
 from .common import perplexity, require_moe, traced_forward
 from .mechanism import cosine, set_jaccard
-from .utilisation import as_numpy, entropy_bits, selection_shares
+from .utilisation import as_numpy, entropy_bits, load_statistics, selection_shares
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -245,6 +245,11 @@ def consecutive_correlation(probs: list) -> list[float]:
     return [cosine(a, b).mean().item() for a, b in zip(centred, centred[1:])]
 
 
+def pair_within_block(layer: int, block: int) -> bool:
+    """Whether layers (layer, layer + 1) lie in one block of `block` consecutive layers (blocks start at layer 0)."""
+    return bool((layer + 1) % block)
+
+
 def split_by_block(per_pair: list[float], block: int) -> dict:
     """Means of a per-pair measure over the pairs inside a block and those straddling a block boundary (spec 4.4).
 
@@ -252,10 +257,40 @@ def split_by_block(per_pair: list[float], block: int) -> dict:
     """
     n_layers = len(per_pair) + 1
     check_block(block, n_layers)
-    within = [v for layer, v in enumerate(per_pair) if (layer + 1) % block]
-    across = [v for layer, v in enumerate(per_pair) if not (layer + 1) % block]
+    within = [v for layer, v in enumerate(per_pair) if pair_within_block(layer, block)]
+    across = [v for layer, v in enumerate(per_pair) if not pair_within_block(layer, block)]
     return {"within_block": float(np.mean(within)) if within else math.nan,
             "across_blocks": float(np.mean(across)) if across else math.nan}
+
+
+def consecutive_pairs(record: dict, n_experts: int, block: int) -> list[dict]:
+    """Per pair of consecutive layers of a routing_record: {"pair": "l-(l+1)", "within_block" (of `block`
+    layers), "jaccard" of the top-k sets, "nmi" and "aligned_agreement" of the top-1 experts}."""
+    check_block(block, record["top1"].shape[1])
+    agree = consecutive_agreement(record["top1"], n_experts)
+    return [{"pair": f"{a['layers'][0]}-{a['layers'][1]}", "within_block": pair_within_block(a["layers"][0], block),
+             "jaccard": j, "nmi": a["nmi"], "aligned_agreement": a["aligned_agreement"]}
+            for a, j in zip(agree, consecutive_jaccard(record["topk"]))]
+
+
+def record_summary(record: dict, n_experts: int, block: int) -> dict:
+    """One model's path statistics from its routing_record, each averaged over layers or layer pairs: expert-usage
+    and token-routing entropy, full-path and block-path entropy (blocks of `block` layers), effective and unique
+    paths, the share of tokens on the 100 most common paths, consecutive-layer agreement (Jaccard, by index,
+    NMI, aligned), and the load balance (CV, share of dead experts)."""
+    top1 = record["top1"]
+    path = path_statistics(top1)
+    agree = consecutive_agreement(top1, n_experts)
+    loads = [load_statistics(share, n_experts) for share in expert_loads(record["topk"], n_experts)]
+    return {"usage_entropy_bits": np.mean(expert_usage_entropy(top1, n_experts)),
+            "token_entropy_bits": np.mean(token_routing_entropy(record["probs"])),
+            "path_entropy_bits": path["path_entropy_bits"], "effective_paths": path["effective_paths"],
+            "block_path_entropy_bits": np.mean(block_path_entropy(top1, block)),
+            "unique_paths": path["unique_paths"], "coverage_top100": path["coverage"][100],
+            "jaccard": np.mean(consecutive_jaccard(record["topk"])),
+            "agreement": np.mean([a["agreement"] for a in agree]), "nmi": np.mean([a["nmi"] for a in agree]),
+            "aligned_agreement": np.mean([a["aligned_agreement"] for a in agree]),
+            "load_cv": np.mean([s["cv"] for s in loads]), "dead_frac": np.mean([s["dead_frac"] for s in loads])}
 
 
 def aligned_labels(top1, n_experts: int) -> np.ndarray:
