@@ -146,7 +146,7 @@ def test_every_notebook_default_passes_the_value_rules():
     ("fig_curves", {"control_seeds": [1]}, r"control_seeds=\[1\]: must start with one of seeds"),
     ("table3", {"controls": ["linear"]}, r"controls=\['linear'\]: must include linear, cosine_iso341"),
     ("summary", {"chapters": ["table3", "table4"]}, "chapters='table4': unknown chapter; valid: exp_convergence"),
-    ("table3", {"profile": "huge"}, "profile='huge': unknown profile; valid: paper, smoke, tiny"),
+    ("table3", {"profile": "huge"}, "profile='huge': unknown profile; valid: paper, small, smoke, tiny"),
 ])
 def test_out_of_range_parameters_are_rejected_with_the_valid_choices(notebook, given, message):
     declared = book.declared_parameters(book.NOTEBOOKS / f"{notebook}.ipynb")

@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 
 from moe_core.config import CHOICES, ConfigError, ModelConfig, RunConfig, config_hash, recipe, validate
+from moe_core.params import count_parameters
 from moe_core.variants import profiles, resample_hops, resolve, variants
 
 TABLE3 = ["wide", "deep", "magnitude", "asymmetric", "decoupled", "hash", "random_fixed", "top1", "linear",
@@ -18,6 +19,15 @@ def test_every_named_variant_resolves_at_every_profile():
         for profile in profiles():
             cfg = resolve(variant, profile)
             assert cfg.variant == variant and cfg.profile == profile
+
+
+def test_small_profile_is_table_1s_36m_scale():
+    cfg = resolve("wide", "small")
+    m, t = cfg.model, cfg.train
+    assert (m.d_model, m.n_heads, m.n_layers, m.n_experts, m.top_k) == (768, 12, 4, 512, 12)
+    assert (t.steps, t.tokens_per_step, t.warmup_steps) == (5_000, 16_384, 200)
+    assert round(count_parameters(m)["total"] / 1e6, 1) == 37.6  # Table 1: 37.6M
+    assert t.steps * t.tokens_per_step == pytest.approx(82e6, rel=0.01)  # Table 1: 82M tokens
 
 
 def test_paper_profile_is_table_12():
