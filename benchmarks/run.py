@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from moe_core.__main__ import add_settings, setting  # noqa: E402
+from moe_core.__main__ import overrides_from, setting  # noqa: E402
 from moe_core.config import ConfigError  # noqa: E402
 from moe_core.evaluate import autocast_for, matmul_dtype, resolve_device  # noqa: E402
 from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported  # noqa: E402
@@ -231,7 +231,7 @@ def parse_args(argv=None):
         if value is not None and value < least:
             parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
     try:
-        args.overrides = add_settings({}, args.set)
+        args.overrides = overrides_from(args.set)
     except ConfigError as e:  # a key set twice
         parser.error(str(e))
     for required in ("dense_iso_param", "wide", "deep"):

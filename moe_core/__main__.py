@@ -38,7 +38,7 @@ def cmd_list(args) -> dict:
 def cmd_params(args) -> dict:
     from .params import count_parameters
 
-    cfg = resolve(args.variant, args.profile, overrides=add_settings({}, args.set or ()))
+    cfg = resolve(args.variant, args.profile, overrides=overrides_from(args.set or ()))
     counts = count_parameters(cfg.model)
     result = {"variant": args.variant, "profile": args.profile, **counts}
     paper = paper_reference()["equifinality_table3"].get(args.variant, {})
@@ -55,12 +55,12 @@ def run_overrides(args) -> dict:
         from .data import CORPORA
 
         check_name("corpus", args.corpus, CORPORA)
-    return add_settings({}, [flag for flag in flags if flag[2] is not None] + list(args.set or ()))
+    return overrides_from([flag for flag in flags if flag[2] is not None] + list(args.set or ()))
 
 
-def add_settings(overrides: dict, settings) -> dict:
-    """overrides with every (section, key, value) added; a key set twice (by --set or a flag) is an error."""
-    seen = {}
+def overrides_from(settings) -> dict:
+    """{section: {key: value}} from (section, key, value) settings; a key set twice (by --set or a flag) is an error."""
+    overrides, seen = {}, {}
     for section, key, value in settings:
         if (section, key) in seen:
             raise ConfigError(f"{section}.{key}", value, f"set twice (first to {seen[section, key]!r}); keep one")

@@ -71,7 +71,8 @@ def evaluate(model: MoETransformer, batches, device: torch.device, precision: st
 
 def routing_telemetry(model: MoETransformer, tokens: torch.Tensor, device: torch.device,
                       precision: str = "auto") -> dict[str, torch.Tensor]:
-    """Selected expert ids for every (layer, hop) on a fixed batch of sequences [S, T]."""
+    """The routing of a fixed batch of sequences [S, T]: the token ids, and the selected expert ids and their
+    weights for every (layer, hop). Only the ids enter the book (expert loads); the rest is kept for users."""
     with inference(model), autocast_for(device, precision):
         out = model(tokens.to(device))
     record = {"tokens": tokens.cpu()}

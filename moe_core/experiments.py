@@ -74,7 +74,7 @@ def train_missing(configs: list[RunConfig], root: Path, workers: int, desc: str)
             prepare_data(corpus, vocab, default_cache_dir())  # tokenizers once, before the workers read them
         context = multiprocessing.get_context("spawn")  # not fork: a forked OpenMP runtime can deadlock
         with ProcessPoolExecutor(min(workers, len(missing)), mp_context=context) as pool:
-            futures = {pool.submit(train, cfg, root, None, False): run for run, cfg in missing.items()}
+            futures = {pool.submit(train, cfg, root, cache_dir=None, progress=False): run for run, cfg in missing.items()}
             for future in as_completed(futures):
                 trained[futures[future]] = future.result()  # re-raises a worker's error here
                 bar.update(1)

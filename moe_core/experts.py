@@ -1,7 +1,7 @@
 """Expert banks: they take (h, expert ids, weights) and know nothing of routing.
 
 Each bank has vectorised fast paths (rank experts: "gather", "masked"; FFN experts: "grouped",
-"sorted", "masked") and a slow reference loop over experts (`backend="loop"`) that the tests
+"sorted", "masked"; static experts: "gather") and a slow reference loop over experts (`backend="loop"`) that the tests
 compare them with, forward and backward. The reference is the obviously-correct version: for
 each expert, find its tokens, apply it, add the weighted result back.
 """

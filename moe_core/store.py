@@ -8,7 +8,7 @@
         ckpt-<step>.safetensors + ckpt-<step>.json   model and optimizer; JSON state + sha256
         final.safetensors    final weights
         val_batch_losses.json  per-batch validation losses of the final model (bootstrap units)
-        telemetry.safetensors  expert ids per layer and hop on a fixed validation slice
+        telemetry.safetensors  token ids, and expert ids and weights per layer and hop, on a fixed validation slice
         results.json         written last: its presence means the run finished
 
 Every file but the training log is written to a temporary file and renamed into place, so a crash
@@ -93,9 +93,9 @@ def read_json(path: Path):
         return json.load(f)
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 def load_config(run: Path) -> RunConfig:

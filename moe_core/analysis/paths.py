@@ -79,7 +79,7 @@ def routing_record(model: MoETransformer, tokens: torch.Tensor, iv: Intervention
     """Every token's routing at every MoE layer's first hop, without autocast, returned on CPU (spec 4.0).
 
     tokens [B, T] are flattened row-major into N = B*T tokens. Returns {"tokens": [N] ids,
-    "top1": LongTensor [N, L] (idx[:, 0]: top-k is sorted by probability), "topk": per layer
+    "top1": LongTensor [N, L] (idx[:, 0]: top-k is sorted by router score), "topk": per layer
     [N, k], "probs": per layer [N, E] fp32, or None where the router has no probabilities (hash)}.
     Records of several batches pool with torch.cat along dim 0. `iv` perturbs the routing (4.6).
     """
