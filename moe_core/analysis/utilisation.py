@@ -46,6 +46,9 @@ def ranked_loads(shares) -> np.ndarray:
     return np.mean([np.sort(np.asarray(s, dtype=np.float64))[::-1] for s in shares], axis=0)
 
 
+DEAD_LOAD = 0.1  # an expert is dead when it gets less than this fraction of the uniform share 1/M
+
+
 def load_statistics(share, n_experts: int) -> dict:
     """Balance of one routing event: CV of loads, max/mean, dead experts, entropy (bits and / log2 M).
 
@@ -54,7 +57,7 @@ def load_statistics(share, n_experts: int) -> dict:
     share, mean = np.asarray(share, dtype=np.float64), 1.0 / n_experts
     entropy = entropy_bits(share)
     return {"cv": float(share.std() / mean), "max_over_mean": float(share.max() / mean),
-            "dead_frac": float((share < 0.1 * mean).mean()), "entropy_bits": entropy,
+            "dead_frac": float((share < DEAD_LOAD * mean).mean()), "entropy_bits": entropy,
             "entropy_norm": entropy / math.log2(n_experts)}
 
 
