@@ -15,7 +15,8 @@
    index_add), for E in {16, 32, 64}; and rank-1 expert dispatch at the profile's M and at M = 1024.
 3. The routers' top-k (`top_k_indices`: the C++ kernel on CPU, Triton on CUDA) against torch.topk, at
    the profile's M and at M = 1024, on fresh scores every call (torch.topk is faster on repeated ones);
-   and the loss (`model.token_cross_entropy`: the C++ kernel on CPU) against F.cross_entropy, forward and
+   a router's whole decision with its balance loss, forward and backward (`select_top_k`: the C++ route
+   kernel on CPU) against the same in torch operators (`select_top_k_torch`); and the loss (`model.token_cross_entropy`: the C++ kernel on CPU) against F.cross_entropy, forward and
    backward, at the step's tokens and the profile's vocabulary.
 
 The last line of standard output is one JSON object with every number (see RESULTS.md).
@@ -42,7 +43,7 @@ from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported  #
 from moe_core.model import MoETransformer, token_cross_entropy  # noqa: E402
 from moe_core.perf import matmul_peak_flops, sync, train_flops_per_token  # noqa: E402
 from moe_core import cpu_kernels  # noqa: E402
-from moe_core.routing import select_top_k, top_k_indices  # noqa: E402
+from moe_core.routing import select_top_k, select_top_k_torch, switch_balance_loss, top_k_indices  # noqa: E402
 from moe_core.train import Objective, keep_freed_memory, make_optimizer, optimizer_step, require_device  # noqa: E402
 from moe_core.variants import resolve  # noqa: E402
 
@@ -189,6 +190,21 @@ def bench_topk(args, device: torch.device, n_tokens: int, k: int, sizes) -> dict
     return results
 
 
+def bench_decision(args, device: torch.device, n_tokens: int, n_experts: int, k: int) -> dict:
+    """Seconds per forward + backward of one routing decision and its balance loss: `select_top_k` against
+    `select_top_k_torch` on the same logits, [n_tokens, n_experts] fp32 (routers score in fp32)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n_tokens, n_experts, generator=g).to(device).requires_grad_()
+    cotangent = torch.randn(n_tokens, k, generator=g).to(device)
+
+    def fwd_bwd(select):
+        logits.grad = None
+        r = select(logits, k)
+        ((r.weights * cotangent).sum() + switch_balance_loss([r], n_experts)).backward()
+    return {"select_top_k_torch": timed(lambda: fwd_bwd(select_top_k_torch), device, 20 * args.repeats),
+            "select_top_k": timed(lambda: fwd_bwd(select_top_k), device, 20 * args.repeats)}
+
+
 def bench_cross_entropy(args, device: torch.device, n_tokens: int, vocab: int) -> dict:
     """Seconds per forward + backward of F.cross_entropy and of token_cross_entropy on fp32 logits [n_tokens, vocab]."""
     g = torch.Generator().manual_seed(0)
@@ -289,6 +305,12 @@ def main(argv=None) -> dict:
         print(f"  M={n_experts:<5} torch.topk {1e3 * row['torch_topk']:.3f}  top_k_indices {1e3 * row['top_k_indices']:.3f} "
               f"({row['torch_topk'] / row['top_k_indices']:.1f}x)")
 
+    decision = bench_decision(args, device, n_tokens, m.n_experts, m.top_k)
+    route_kernel = "C++ route kernel" if device.type == "cpu" and cpu_kernels.available() else "torch operators"
+    print(f"\nrouter decision and balance loss, fwd+bwd, {n_tokens} x {m.n_experts}, top-{m.top_k} (ms; select_top_k "
+          f"here: {route_kernel}): select_top_k_torch {1e3 * decision['select_top_k_torch']:.3f}  select_top_k "
+          f"{1e3 * decision['select_top_k']:.3f} ({decision['select_top_k_torch'] / decision['select_top_k']:.1f}x)")
+
     xent = bench_cross_entropy(args, device, n_tokens, m.vocab_size)
     xent_kernel = "C++ kernel" if device.type == "cpu" and cpu_kernels.available() else "F.cross_entropy"
     print(f"\ncross-entropy, fwd+bwd, {n_tokens} tokens x {m.vocab_size} classes (ms; token_cross_entropy here: "
@@ -304,9 +326,10 @@ def main(argv=None) -> dict:
         "grouped_dispatch_speedup_e32": swiglu[32]["loop"] / swiglu[32]["grouped"],
         "dense_mfu": steps["dense_iso_param"]["mfu"],
         "topk_speedup": topk[m.n_experts]["torch_topk"] / topk[m.n_experts]["top_k_indices"],
+        "decision_speedup": decision["select_top_k_torch"] / decision["select_top_k"],
         "cross_entropy_speedup": xent["F.cross_entropy"] / xent["token_cross_entropy"],
         "steps": steps, "swiglu_dispatch": swiglu, "rank_dispatch": rank, "topk": topk, "topk_kernel": kernel,
-        "cross_entropy": xent, "cross_entropy_kernel": xent_kernel,
+        "decision": decision, "decision_kernel": route_kernel, "cross_entropy": xent, "cross_entropy_kernel": xent_kernel,
     }
     print(json.dumps(summary))
     return summary

@@ -3,9 +3,11 @@
 - `topk_indices` replaces torch.topk in the routers' top-k (csrc/topk.cpp says how it works: 1,024 x 64,
   k = 12 in 0.09-0.10 ms against torch.topk's 0.98, benchmarks/RESULTS.md);
 - `cross_entropy` replaces F.cross_entropy in the language-modelling loss (csrc/cross_entropy.cpp: one
-  exponential per logit, not torch's two; the same loss to float rounding).
+  exponential per logit, not torch's two; the same loss to float rounding);
+- `route` replaces the score routers' softmax, top-k, gather and second softmax, forward and backward, with one
+  pass per row each way (csrc/route.cpp; the same experts, the same weights and gradients to float rounding).
 
-Both split their rows over torch's threads (OpenMP, on Linux), each row computed whole by one thread, so any
+All split their rows over torch's threads (OpenMP, on Linux), each row computed whole by one thread, so any
 thread count gives the same bits. The first call in a fresh environment compiles them (about 15 s, once;
 later processes load the cached library). Where they cannot be built (no C++ compiler or ninja)
 `available()` is False, with one warning saying why, and the callers fall back to torch operators. The
@@ -31,7 +33,7 @@ from .config import ConfigError
 
 ENV_SWITCH = "MOE_CORE_CPU_KERNELS"
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("topk.cpp", "cross_entropy.cpp")]
+_SOURCES = [_CSRC / name for name in ("topk.cpp", "cross_entropy.cpp", "route.cpp")]
 # One build per torch version (torch's extension cache does not notice a torch upgrade, and a library built
 # against another torch fails to load) and per checkout: ninja rebuilds when the sources' path changes, so
 # two checkouts sharing one build folder would rebuild each other's library at every switch.
@@ -76,11 +78,11 @@ def _loaded() -> str:
     except Exception as err:  # any build failure: the torch fallback is correct, only slower
         if switch == "1":
             raise RuntimeError(f"{ENV_SWITCH}=1 but the CPU kernels did not build") from err
-        warnings.warn(f"moe_core: the CPU kernels could not be built ({_reason(err)}); torch.topk and "
-                      f"F.cross_entropy run instead (same experts, the same loss to float rounding; slower). Set "
-                      f"{ENV_SWITCH}=0 to skip the attempt.", stacklevel=3)
+        warnings.warn(f"moe_core: the CPU kernels could not be built ({_reason(err)}); torch.topk, torch's softmax "
+                      f"and F.cross_entropy run instead (same experts, the same weights and loss to float rounding; "
+                      f"slower). Set {ENV_SWITCH}=0 to skip the attempt.", stacklevel=3)
         return ""
-    torch.library.register_fake("moe_core::cpu_topk_indices", _topk_shape)  # cross_entropy runs eager only
+    torch.library.register_fake("moe_core::cpu_topk_indices", _topk_shape)  # the others run eager only
     return flavour
 
 
@@ -206,3 +208,33 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"cross_entropy takes one int64 class id per row of the logits, got {targets.dtype} "
                          f"{tuple(targets.shape)} for {logits.shape[0]} rows")
     return _SoftmaxCrossEntropy.apply(logits, targets).mean()
+
+
+class _Route(torch.autograd.Function):
+    """A router's (softmax over all experts, top-k ids, weights) from its logits; the ids carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, k: int, renormalize: bool):
+        probs, idx, weights = torch.ops.moe_core.cpu_route(logits, k, renormalize)
+        ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # an output that nothing used sends None, and the kernel skips it
+        ctx.save_for_backward(probs, idx, weights)
+        ctx.renormalize = renormalize
+        return probs, idx, weights
+
+    @staticmethod
+    def backward(ctx, grad_probs, grad_idx, grad_weights):
+        probs, idx, weights = ctx.saved_tensors
+        grad = torch.ops.moe_core.cpu_route_backward(probs, idx, weights, grad_probs, grad_weights, ctx.renormalize)
+        return grad, None, None
+
+
+def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(softmax over all M, ids of the k largest logits, their weights) of fp32 CPU logits [N, M], as
+    `routing.select_top_k` computes them with torch operators; differentiable in the logits. Call only where
+    `available()`."""
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        raise ValueError(f"route takes 2-d fp32 CPU logits, got {logits.dtype} {tuple(logits.shape)} on {logits.device}")
+    if not 0 < k <= logits.shape[1]:
+        raise ValueError(f"route needs 0 < k <= columns, got k={k}, columns={logits.shape[1]}")
+    return _Route.apply(logits, k, renormalize)

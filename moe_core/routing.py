@@ -63,10 +63,22 @@ def ordered_int32(x: torch.Tensor) -> torch.Tensor:
 def select_top_k(logits: torch.Tensor, k: int, renormalize: bool = True) -> Routing:
     """The k highest-scoring experts, weighted by the fp32 softmax over all M, optionally renormalised.
 
-    The selection reads the logits (the softmax is monotone) and the renormalised weights are the
-    softmax over the k selected logits, which equals p_i / sum of the k selected p_j; so neither
-    waits for the full softmax, which only the balance loss and the analyses read.
+    Eager CPU code computes it in one C++ pass each way (cpu_kernels.route: at smoke shapes the torch
+    operators' passes and autograd nodes cost more than their arithmetic); elsewhere `select_top_k_torch`.
     """
+    logits = logits.float()
+    if not (cpu_kernels.eager_cpu(logits) and cpu_kernels.available()):
+        return select_top_k_torch(logits, k, renormalize)
+    probs, idx, weights = cpu_kernels.route(logits.reshape(-1, logits.shape[-1]), k, renormalize)
+    chosen = (*logits.shape[:-1], k)
+    return Routing(idx=idx.view(chosen), weights=weights.view(chosen), probs=probs.view(logits.shape), logits=logits)
+
+
+def select_top_k_torch(logits: torch.Tensor, k: int, renormalize: bool = True) -> Routing:
+    """`select_top_k` in torch operators, which torch.compile fuses. The selection reads the logits (the softmax is
+    monotone) and the renormalised weights are the softmax over the k selected logits, which equals
+    p_i / sum of the k selected p_j; so neither waits for the full softmax, which only the balance loss and
+    the analyses read."""
     logits = logits.float()
     probs = logits.softmax(dim=-1)
     idx = top_k_indices(logits, k)
@@ -346,11 +358,12 @@ def switch_balance_loss(routings: list[Routing], n_experts: int, per: str = "tok
     probs = _pool([r.probs.reshape(groups, -1, n_experts) for r in routings])  # [G, tokens, M]
     if groups > 1:  # count each group's selections in its own range of ids
         idx = idx + n_experts * torch.arange(groups, device=idx.device).unsqueeze(1)
-    # M * mean_g sum_i f_gi P_gi as one dot product of [G * M] vectors, the scale folded into f: fewer
-    # small ops forward and backward than the formula written out (Wide's 8 events: 1.64 ms, not 2.50)
+    # M * mean_g sum_i f_gi P_gi as one dot product of [G * M] vectors, the scale and P's 1 / tokens folded
+    # into f: fewer small ops forward and backward than the formula written out (Wide's 8 events: 1.64 ms,
+    # not 2.50), and a sum's backward is a broadcast where a mean's divides ([1,024, 64]: 62 against 149 us)
     per_group = idx.shape[1] if per == "tokens_k" else probs.shape[1]
-    f = expert_counts(idx, groups * n_experts) * (n_experts / (groups * per_group))
-    return probs.mean(dim=1).flatten() @ f
+    f = expert_counts(idx, groups * n_experts) * (n_experts / (groups * per_group * probs.shape[1]))
+    return probs.sum(dim=1).flatten() @ f
 
 
 def router_z_loss(routing: Routing) -> torch.Tensor:

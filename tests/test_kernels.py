@@ -1,7 +1,7 @@
 """The top-k kernels against one contract (a stable sort of order-preserving keys): the C++ kernel of the
 CPU path and the Triton kernel of the CUDA path, which runs here on CPU tensors through Triton's interpreter
 where no GPU is (conftest.py sets TRITON_INTERPRET). Then the C++ cross-entropy against F.cross_entropy in
-fp64, and the fallbacks."""
+fp64, the C++ router decision against torch's operators in fp64, and the fallbacks."""
 import functools
 import sys
 import types
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from moe_core import cpu_kernels
 from moe_core.config import ConfigError
 from moe_core.model import token_cross_entropy
-from moe_core.routing import select_top_k, top_k_indices
+from moe_core.routing import select_top_k, select_top_k_torch, switch_balance_loss, top_k_indices
 from oracles import reference_top_k
 
 try:  # the Triton kernel, where Triton is installed (requirements.txt pins it for the interpreter on Linux x86-64)
@@ -99,14 +99,17 @@ def test_triton_kernel_rejects_bad_input():
 
 
 @needs_kernel
-def test_top_k_indices_and_the_router_take_the_kernel_on_cpu_for_any_layout(monkeypatch):
-    """The answers alone cannot tell the kernel from the fallback (both are torch.topk's): count the calls."""
-    calls, kernel = [], cpu_kernels.topk_indices
-    monkeypatch.setattr(cpu_kernels, "topk_indices", lambda s, k: calls.append((tuple(s.shape), k)) or kernel(s, k))
+def test_top_k_indices_and_the_router_take_the_kernels_on_cpu_for_any_layout(monkeypatch):
+    """The answers alone cannot tell a kernel from the fallback (both are torch.topk's): count the calls."""
+    calls, topk, route = [], cpu_kernels.topk_indices, cpu_kernels.route
+    monkeypatch.setattr(cpu_kernels, "topk_indices", lambda s, k: calls.append(("topk", tuple(s.shape), k)) or topk(s, k))
+    monkeypatch.setattr(cpu_kernels, "route", lambda s, k, r: calls.append(("route", tuple(s.shape), k)) or route(s, k, r))
     scores = torch.randn(3, 50, 40).transpose(1, 2)  # [3, 40, 50], not contiguous
     assert torch.equal(top_k_indices(scores, 6), scores.topk(6, dim=-1).indices)
-    select_top_k(torch.randn(20, 64), 12)
-    assert calls == [((120, 50), 6), ((20, 64), 12)]
+    r = select_top_k(scores, 6)
+    assert calls == [("topk", (120, 50), 6), ("route", (120, 50), 6)]
+    assert r.idx.shape == r.weights.shape == (3, 40, 6) and r.probs.shape == r.logits.shape == (3, 40, 50)
+    assert torch.equal(r.idx, scores.topk(6, dim=-1).indices)
 
 
 def test_fallback_without_the_kernel_picks_what_torch_topk_picks(monkeypatch):
@@ -122,13 +125,24 @@ def test_fallback_without_the_kernel_picks_what_torch_topk_picks(monkeypatch):
 
 
 @needs_kernel
-def test_routing_is_the_same_with_and_without_the_kernel(monkeypatch):
-    """Distinct scores: the kernel changes which code ranks them, not the routing."""
-    logits = torch.randperm(200 * 64).float().reshape(200, 64) / 1000
-    fast = select_top_k(logits, 12)
-    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    slow = select_top_k(logits, 12)
-    assert torch.equal(fast.idx, slow.idx) and torch.equal(fast.weights, slow.weights)
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_routing_is_the_same_with_and_without_the_kernels(monkeypatch, renormalize):
+    """Distinct scores: the kernels change which code ranks and weighs them, not the experts; the weights,
+    the probabilities and the logits' gradient agree to float rounding."""
+    logits = (torch.randperm(200 * 64).float().reshape(200, 64) / 1000).requires_grad_()
+    cotangent = torch.randn(200, 12, generator=torch.Generator().manual_seed(0))
+
+    def decide(select):
+        r = select(logits, 12, renormalize)
+        loss = (r.weights * cotangent).sum() + switch_balance_loss([r], 64)
+        return r, torch.autograd.grad(loss, logits)[0]
+    fast, fast_grad = decide(select_top_k)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)  # top_k_indices falls back to torch.topk too
+    slow, slow_grad = decide(select_top_k_torch)
+    assert torch.equal(fast.idx, slow.idx)
+    torch.testing.assert_close(fast.weights, slow.weights, rtol=2e-6, atol=0)
+    torch.testing.assert_close(fast.probs, slow.probs, rtol=2e-6, atol=0)
+    torch.testing.assert_close(fast_grad, slow_grad, rtol=1e-5, atol=1e-7)
 
 
 @needs_kernel
@@ -181,7 +195,7 @@ def test_a_failed_build_warns_and_falls_back_or_raises_when_required(monkeypatch
     monkeypatch.setattr(cpu_kernels, "_is_built", lambda _: True)  # no "compiling ..." message
     monkeypatch.setattr(cpu_kernels, "_loaded", functools.cache(cpu_kernels._loaded.__wrapped__))
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH, raising=False)
-    with pytest.warns(UserWarning, match="c\\+\\+: not found.*torch.topk and F.cross_entropy run instead"):
+    with pytest.warns(UserWarning, match="c\\+\\+: not found.*torch.topk, torch's softmax and F.cross_entropy run instead"):
         assert not cpu_kernels.available()
     monkeypatch.setattr(cpu_kernels, "_loaded", functools.cache(cpu_kernels._loaded.__wrapped__))
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "1")
@@ -222,6 +236,7 @@ def test_kernels_give_the_same_bits_on_any_thread_count():
     g = torch.Generator().manual_seed(0)
     scores, logits = torch.randn(4096, 64, generator=g), torch.randn(700, 2048, generator=g)
     targets = torch.randint(0, 2048, (700,), generator=g)
+    cotangents = torch.randn(4096, 64, generator=g), torch.randn(4096, 12, generator=g)
     threads, answers = torch.get_num_threads(), []
     try:
         for n in (1, 2):
@@ -229,7 +244,10 @@ def test_kernels_give_the_same_bits_on_any_thread_count():
             x = logits.clone().requires_grad_()
             loss = cpu_kernels.cross_entropy(x, targets)
             loss.backward()
-            answers.append((cpu_kernels.topk_indices(scores, 12), loss.detach(), x.grad))
+            s = scores.clone().requires_grad_()
+            probs, idx, weights = cpu_kernels.route(s, 12, True)
+            ((probs * cotangents[0]).sum() + (weights * cotangents[1]).sum()).backward()
+            answers.append((cpu_kernels.topk_indices(scores, 12), loss.detach(), x.grad, probs, idx, weights, s.grad))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*answers))
@@ -316,3 +334,68 @@ def test_cross_entropy_kernel_rejects_bad_input():
         cpu_kernels.cross_entropy(torch.randn(4, 8), torch.zeros(3, dtype=torch.long))
     with pytest.raises(RuntimeError, match=r"target 8 of row 2 is not a class in \[0, 8\)"):
         cpu_kernels.cross_entropy(torch.randn(4, 8), torch.tensor([0, 1, 8, 2]))
+
+
+# ------------------------------------------------------------------ the router's decision
+
+
+def fp64_decision(logits: torch.Tensor, idx: torch.Tensor, renormalize: bool, cotangents) -> tuple:
+    """select_top_k's torch operators in fp64 at the given expert ids: (probs, weights, d logits of
+    <probs, cotangent_p> + <weights, cotangent_w>), a cotangent of None contributing nothing."""
+    x = logits.double().requires_grad_()
+    probs = x.softmax(-1)
+    weights = x.gather(-1, idx).softmax(-1) if renormalize else probs.gather(-1, idx)
+    gp, gw = cotangents
+    loss = sum((t * c.double()).sum() for t, c in ((probs, gp), (weights, gw)) if c is not None)
+    return probs.detach(), weights.detach(), torch.autograd.grad(loss, x)[0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,cols,k", [(1, 1, 1), (9, 16, 4), (300, 64, 12), (257, 64, 64), (40, 300, 7)])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("reaches", ["probs", "weights", "both"])
+def test_route_kernel_matches_torch_in_fp64(rows, cols, k, renormalize, reaches):
+    """The kernel's ids are the top-k kernel's; its probabilities, weights and logits' gradient are within fp32
+    rounding of torch's operators in fp64, whichever outputs the gradient comes through (the balance loss
+    reads the probabilities, the experts the weights)."""
+    g = torch.Generator().manual_seed(rows * cols + k)
+    logits = torch.randn(rows, cols, generator=g) * 3
+    gp = torch.randn(rows, cols, generator=g) if reaches != "weights" else None
+    gw = torch.randn(rows, k, generator=g) if reaches != "probs" else None
+    x = logits.clone().requires_grad_()
+    probs, idx, weights = cpu_kernels.route(x, k, renormalize)
+    assert not idx.requires_grad and torch.equal(idx, reference_top_k(logits, k))
+    loss = sum((t * c).sum() for t, c in ((probs, gp), (weights, gw)) if c is not None)
+    loss.backward()
+    want_probs, want_weights, want_grad = fp64_decision(logits, idx, renormalize, (gp, gw))
+    torch.testing.assert_close(probs.double(), want_probs, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(weights.double(), want_weights, rtol=1e-6, atol=1e-9)
+    # a gradient entry is a difference of O(1) terms (w_s (gw_s - <w, gw>)): fp32 rounding is absolute there
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_route_kernel_takes_a_broadcast_gradient_and_minus_infinity():
+    """The balance loss's gradient reaches the probabilities broadcast over tokens (stride 0); an expert at -inf
+    gets probability and weight 0 and no gradient."""
+    logits = torch.randn(50, 16, generator=torch.Generator().manual_seed(1))
+    logits[:, 3] = -float("inf")
+    x = logits.clone().requires_grad_()
+    probs, idx, weights = cpu_kernels.route(x, 16, True)
+    per_expert = torch.linspace(-1, 1, 16)
+    (probs.sum(0) @ per_expert).backward()  # sum's backward hands the kernel per_expert.expand(50, 16)
+    want_probs, want_weights, want_grad = fp64_decision(logits, idx, True, (per_expert.expand(50, 16), None))
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-5, atol=1e-7)
+    assert probs[:, 3].eq(0).all() and x.grad[:, 3].eq(0).all()
+    assert weights.gather(-1, (idx == 3).float().argmax(-1, keepdim=True)).eq(0).all()
+
+
+@needs_kernel
+def test_route_kernel_rejects_bad_input():
+    with pytest.raises(ValueError, match="float64"):
+        cpu_kernels.route(torch.randn(4, 8, dtype=torch.float64), 2, True)
+    with pytest.raises(ValueError, match=r"\(2, 4, 8\)"):
+        cpu_kernels.route(torch.randn(2, 4, 8), 2, True)
+    for k in (0, 9):
+        with pytest.raises(ValueError, match=f"k={k}, columns=8"):
+            cpu_kernels.route(torch.randn(4, 8), k, True)

@@ -127,7 +127,7 @@ def test_benchmark_harness_reports_every_ratio(capsys):
     main(["--profile", "tiny", "--device", "cpu", "--steps", "1", "--rounds", "1", "--warmup", "1", "--repeats", "1"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("wide_step_over_dense_iso_param", "deep_step_over_dense_iso_param",
-                "grouped_dispatch_speedup_e32", "dense_mfu", "topk_speedup", "cross_entropy_speedup"):
+                "grouped_dispatch_speedup_e32", "dense_mfu", "topk_speedup", "decision_speedup", "cross_entropy_speedup"):
         assert summary[key] > 0
     assert set(summary["steps"]) >= {"dense_iso_param", "wide", "deep"}
 
