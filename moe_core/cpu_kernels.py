@@ -231,7 +231,7 @@ class _Route(torch.autograd.Function):
 
 def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(softmax over all M, ids of the k largest logits, their weights) of fp32 CPU logits [N, M], as
-    `routing.select_top_k` computes them with torch operators; differentiable in the logits. Call only where
+    `routing.select_top_k_torch` computes them with torch operators; differentiable in the logits. Call only where
     `available()`."""
     if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
         raise ValueError(f"route takes 2-d fp32 CPU logits, got {logits.dtype} {tuple(logits.shape)} on {logits.device}")
