@@ -16,7 +16,8 @@
 3. The routers' top-k (`top_k_indices`: the C++ kernel on CPU, Triton on CUDA) against torch.topk, at
    the profile's M and at M = 1024, on fresh scores every call (torch.topk is faster on repeated ones);
    a router's whole decision with its balance loss, forward and backward (`select_top_k`: the C++ route
-   kernel on CPU) against the same in torch operators (`select_top_k_torch`); and the loss (`model.token_cross_entropy`: the C++ kernel on CPU) against F.cross_entropy, forward and
+   kernel on CPU) against the same in torch operators (`select_top_k_torch`); and the loss
+   (`model.token_cross_entropy`: the C++ kernel on CPU) against F.cross_entropy, forward and
    backward, at the step's tokens and the profile's vocabulary.
 
 The last line of standard output is one JSON object with every number (see RESULTS.md).
