@@ -51,17 +51,20 @@ from moe_core.variants import resolve  # noqa: E402
 STEP_VARIANTS = ("dense_iso_param", "dense_iso_flop", "wide", "deep", "indep", "path_b4")
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
+def timed(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each of `fns` (name -> function): one warm-up call each, then `repeats`
+    rounds that call every function in turn, so drift of the machine hits all sides of a comparison alike."""
+    for fn in fns.values():
         fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ------------------------------------------------------------------ train step
@@ -135,20 +138,21 @@ def library_style_loop(bank: SwiGLUExperts, h, idx, weights):
     return out
 
 
-def dispatch_case(bank, fn, n_tokens: int, k: int, device: torch.device, args) -> float:
-    """Median seconds of forward + backward through `fn` on fixed random routing, in the profile's training
-    precision (`autocast_for`: bf16 on CUDA, where torch's grouped GEMM runs; fp32 on CPU unless it asks for bf16)."""
+def dispatch_cases(bank, fns: dict, n_tokens: int, k: int, device: torch.device, args) -> dict[str, float]:
+    """Median seconds of forward + backward through each of `fns` (name -> fn(h, idx, weights)) on the same
+    fixed random routing, timed in turn, in the profile's training precision (`autocast_for`: bf16 on CUDA,
+    where torch's grouped GEMM runs; fp32 on CPU unless it asks for bf16)."""
     g = torch.Generator().manual_seed(0)
     d = bank.w_down.shape[-1] if isinstance(bank, RankExperts) else bank.w_gate.shape[1]
     h = torch.randn(n_tokens, d, generator=g).to(device).requires_grad_()
     routing = select_top_k(torch.randn(n_tokens, bank_size(bank), generator=g).to(device), k)
     cotangent = torch.randn(n_tokens, d, generator=g).to(device)
 
-    def fwd_bwd():
+    def fwd_bwd(fn):
         with autocast_for(device, args.precision):
             out = fn(h, routing.idx, routing.weights)
         (out.float() * cotangent).sum().backward()
-    return timed(fwd_bwd, device, args.repeats)
+    return timed({name: (lambda fn=fn: fwd_bwd(fn)) for name, fn in fns.items()}, device, args.repeats)
 
 
 def bank_size(bank) -> int:
@@ -159,9 +163,9 @@ def bench_swiglu_dispatch(args, device: torch.device, d: int, d_ff: int, k: int,
     results = {}
     for n_experts in (16, 32, 64):
         bank = SwiGLUExperts(n_experts, d, d_ff, n_layers=8).to(device)
-        row = {"loop": dispatch_case(bank, lambda *a: library_style_loop(bank, *a), n_tokens, k, device, args)}
-        for backend in ("sorted", "grouped", "masked"):
-            row[backend] = dispatch_case(bank, getattr(bank, f"forward_{backend}"), n_tokens, k, device, args)
+        fns = {"loop": lambda *a: library_style_loop(bank, *a),
+               **{backend: getattr(bank, f"forward_{backend}") for backend in ("sorted", "grouped", "masked")}}
+        row = dispatch_cases(bank, fns, n_tokens, k, device, args)
         row["grouped_mm"] = grouped_mm_supported(matmul_dtype(device, args.precision), device, bank.w_gate, bank.w_out)
         results[n_experts] = row
     return results
@@ -172,8 +176,8 @@ def bench_rank_dispatch(args, device: torch.device, d: int, k: int, n_tokens: in
     results = {}
     for m in sizes:
         bank = RankExperts(m, d, 1, n_layers=8).to(device)
-        row = {backend: dispatch_case(bank, getattr(bank, f"forward_{backend}"), n_tokens, k, device, args)
-               for backend in ("loop", "gather", "masked")}
+        fns = {backend: getattr(bank, f"forward_{backend}") for backend in ("loop", "gather", "masked")}
+        row = dispatch_cases(bank, fns, n_tokens, k, device, args)
         row["gather_bytes"] = 2 * n_tokens * k * d * 4  # w_down[idx] and w_up[idx]: [N, k, 1, d] each, fp32
         row["masked_bytes"] = 2 * n_tokens * m * 4  # activations and gate: [N, M] each, at most fp32
         results[m] = row
@@ -186,8 +190,8 @@ def bench_topk(args, device: torch.device, n_tokens: int, k: int, sizes) -> dict
     results = {}
     for m in sizes:
         pool = itertools.cycle([torch.randn(n_tokens, m, generator=g).to(device) for _ in range(16)])
-        results[m] = {"torch_topk": timed(lambda: next(pool).topk(k, dim=-1), device, 20 * args.repeats),
-                      "top_k_indices": timed(lambda: top_k_indices(next(pool), k), device, 20 * args.repeats)}
+        results[m] = timed({"torch_topk": lambda: next(pool).topk(k, dim=-1),
+                            "top_k_indices": lambda: top_k_indices(next(pool), k)}, device, 20 * args.repeats)
     return results
 
 
@@ -202,8 +206,8 @@ def bench_decision(args, device: torch.device, n_tokens: int, n_experts: int, k:
         logits.grad = None
         r = select(logits, k)
         ((r.weights * cotangent).sum() + switch_balance_loss([r], n_experts)).backward()
-    return {"select_top_k_torch": timed(lambda: fwd_bwd(select_top_k_torch), device, 20 * args.repeats),
-            "select_top_k": timed(lambda: fwd_bwd(select_top_k), device, 20 * args.repeats)}
+    return timed({"select_top_k_torch": lambda: fwd_bwd(select_top_k_torch),
+                  "select_top_k": lambda: fwd_bwd(select_top_k)}, device, 20 * args.repeats)
 
 
 def bench_cross_entropy(args, device: torch.device, n_tokens: int, vocab: int) -> dict:
@@ -216,8 +220,8 @@ def bench_cross_entropy(args, device: torch.device, n_tokens: int, vocab: int) -
         logits.grad = None  # as in a step: the gradient is written, not accumulated
         loss_fn(logits, targets).backward()
     reference = lambda x, t: F.cross_entropy(x.flatten(0, 1), t.flatten())  # noqa: E731
-    return {"F.cross_entropy": timed(lambda: fwd_bwd(reference), device, 3 * args.repeats),
-            "token_cross_entropy": timed(lambda: fwd_bwd(token_cross_entropy), device, 3 * args.repeats)}
+    return timed({"F.cross_entropy": lambda: fwd_bwd(reference),
+                  "token_cross_entropy": lambda: fwd_bwd(token_cross_entropy)}, device, 3 * args.repeats)
 
 
 # ------------------------------------------------------------------------ main

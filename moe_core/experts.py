@@ -51,6 +51,19 @@ def loop_over_experts(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
     return out
 
 
+def take_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """table[ids] for integer ids of any shape: [*ids.shape, *table.shape[1:]].
+
+    On CPU by index_select, whose backward (index_add) is about 2.6x faster than advanced indexing's
+    (index_put with accumulation) and adds the rows of the same id in order, so the bits do not depend
+    on the thread count; they equal advanced indexing's on one thread. Elsewhere by advanced indexing,
+    whose CUDA backward sorts where index_add would add atomically, in no fixed order.
+    """
+    if table.device.type != "cpu":
+        return table[ids]
+    return table.index_select(0, ids.reshape(-1)).view(*ids.shape, *table.shape[1:])
+
+
 def dense_gate(idx: torch.Tensor, weights: torch.Tensor, n_experts: int, dtype: torch.dtype) -> torch.Tensor:
     """[N, E] routing weights: each token's k weights at its experts' columns, zero elsewhere (masked paths)."""
     return torch.zeros(idx.shape[0], n_experts, dtype=dtype, device=idx.device).scatter(1, idx, weights.to(dtype))
@@ -60,7 +73,7 @@ def add_back_weighted(ys: torch.Tensor, weights: torch.Tensor, order: torch.Tens
                       shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """Scale the outputs of the expert-sorted (token, slot) pairs (`sort_by_expert`) by their routing weights
     and add each back at its token's row of a zero [N, d] output (sorted paths)."""
-    ys = ys * weights.reshape(-1)[order].to(dtype).unsqueeze(-1)
+    ys = ys * take_rows(weights.reshape(-1), order).to(dtype).unsqueeze(-1)
     return torch.zeros(shape, dtype=dtype, device=ys.device).index_add(0, token, ys)
 
 
@@ -113,9 +126,9 @@ class RankExperts(nn.Module):
 
     def forward_gather(self, h, idx, weights):
         """Gather the k selected experts' rows per token and contract in batched einsums."""
-        act = F.silu(torch.einsum("nd,nkrd->nkr", h, self.w_down[idx]))
+        act = F.silu(torch.einsum("nd,nkrd->nkr", h, take_rows(self.w_down, idx)))
         act = act * weights.to(act.dtype).unsqueeze(-1)
-        return torch.einsum("nkr,nkrd->nd", act, self.w_up[idx])
+        return torch.einsum("nkr,nkrd->nd", act, take_rows(self.w_up, idx))
 
     def forward_loop(self, h, idx, weights):
         """Reference: one expert at a time."""
@@ -171,7 +184,7 @@ class SwiGLUExperts(nn.Module):
             return self.forward_sorted(h, idx, weights)
         order, token, counts = sort_by_expert(idx, self.w_gate.shape[0])
         offsets = counts.cumsum(0).to(torch.int32)
-        xs = h[token].to(dtype)
+        xs = take_rows(h, token).to(dtype)
         act = F.silu(_GROUPED_MM(xs, self.w_gate.to(dtype), offs=offsets)) * _GROUPED_MM(xs, self.w_in.to(dtype), offs=offsets)
         ys = _GROUPED_MM(act, self.w_out.to(dtype), offs=offsets)
         return add_back_weighted(ys, weights, order, token, h.shape, dtype)
@@ -182,7 +195,7 @@ class SwiGLUExperts(nn.Module):
         One host sync (the per-expert counts) per call, not one per expert.
         """
         order, token, counts = sort_by_expert(idx, self.w_gate.shape[0])
-        xs = h[token]
+        xs = take_rows(h, token)
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
@@ -212,7 +225,7 @@ class StaticExperts(nn.Module):
 
     def forward_gather(self, h, idx, weights):
         """The weighted sum of the k selected vectors, one batched gather."""
-        return torch.einsum("nk,nkd->nd", weights.to(self.vectors.dtype), self.vectors[idx]).to(h.dtype)
+        return torch.einsum("nk,nkd->nd", weights.to(self.vectors.dtype), take_rows(self.vectors, idx)).to(h.dtype)
 
     def forward_loop(self, h, idx, weights):
         """Reference: one expert at a time."""

@@ -325,11 +325,11 @@ def build_routers(cfg: ModelConfig) -> tuple[nn.ModuleList, list[int]]:
 
 
 def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """How many selections each expert got, [n_experts] int64, without a host sync: bincount on CPU
+    """How many selections each expert got, [n_experts] int64, without a host sync: bincount on eager CPU
     (one op), `scatter_counts` elsewhere (CUDA's bincount reads the largest index back to size its
-    output)."""
+    output; torch.compile breaks the graph at bincount, whose output shape depends on the data)."""
     flat = idx.reshape(-1)
-    if flat.device.type == "cpu":
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
         return torch.bincount(flat, minlength=n_experts)
     return scatter_counts(flat, n_experts)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe_core.experts import RankExperts, StaticExperts, SwiGLUExperts, grouped_mm_supported
+from moe_core.experts import RankExperts, StaticExperts, SwiGLUExperts, grouped_mm_supported, take_rows
 from moe_core.routing import select_top_k
 
 
@@ -99,6 +99,29 @@ def test_rank1_expert_is_one_read_and_one_write_direction():
     expected = torch.stack([torch.nn.functional.silu(h[i] @ bank.w_down[j, 0]) * bank.w_up[j, 0]
                             for i, j in enumerate([2, 0, 2])])
     torch.testing.assert_close(bank(h, idx, w), expected)
+
+
+@pytest.mark.parametrize("table_shape,ids_shape", [((50,), (200,)), ((16, 7), (4096,)), ((64, 1, 24), (300, 12)),
+                                                     ((9, 3, 8), (20, 2))])
+def test_take_rows_is_advanced_indexing_with_a_thread_independent_backward(table_shape, ids_shape):
+    """Forward: table[ids] exactly. Backward (ids repeat, so rows are summed): the bits of advanced indexing's
+    on one thread, and the same bits on two threads, where advanced indexing's own can differ."""
+    g = torch.Generator().manual_seed(sum(table_shape) + sum(ids_shape))
+    table = torch.randn(table_shape, generator=g, requires_grad=True)
+    ids = torch.randint(0, table_shape[0], ids_shape, generator=g)
+    cotangent = torch.randn(*ids_shape, *table_shape[1:], generator=g)
+    threads, grads = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            rows = take_rows(table, ids)
+            assert torch.equal(rows, table[ids])
+            grads.append(torch.autograd.grad(rows, table, cotangent)[0])
+            if n == 1:
+                assert torch.equal(grads[0], torch.autograd.grad(table[ids], table, cotangent)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_grouped_falls_back_to_sorted_on_unaligned_widths():
