@@ -19,6 +19,7 @@
    kernel on CPU) against the same in torch operators (`select_top_k_torch`); and the loss
    (`model.token_cross_entropy`: the C++ kernel on CPU) against F.cross_entropy, forward and
    backward, at the step's tokens and the profile's vocabulary.
+Every comparison in 2 and 3 calls its sides in turn, round after round (`timed`), as the step rounds do.
 
 The last line of standard output is one JSON object with every number (see RESULTS.md).
 """
