@@ -13,6 +13,8 @@
 2. FFN-expert dispatch (SwiGLU experts, fwd + bwd) of every backend against a per-expert loop
    written the way common MoE libraries' eager paths are (mask per expert, index, matmul,
    index_add), for E in {16, 32, 64}; and rank-1 expert dispatch at the profile's M and at M = 1024.
+   Each backend's peak memory too: the most bytes of tensors its forward and backward hold at once
+   (`LiveTensorBytes`), from a separate call.
 3. The routers' top-k (`top_k_indices`: the C++ kernel on CPU, Triton on CUDA) against torch.topk, at
    the profile's M and at M = 1024, on fresh scores every call (torch.topk is faster on repeated ones);
    a router's whole decision with its balance loss, forward and backward (`select_top_k`: the C++ route
@@ -31,10 +33,13 @@ import json
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -66,6 +71,43 @@ def timed(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
             sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages that operators create while it is on, until each is freed
+    (a finalizer on the storage, whose Python object lives as long as the storage); `peak` is the most at
+    any one time. Outputs that share an input's storage (views, in-place results) are not new. Autograd
+    runs the backward's operators under it too."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}  # storage address -> bytes
+        self.total = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            address = storage.data_ptr()
+            if address and address not in inputs and address not in self.live:
+                self.live[address] = storage.nbytes()
+                self.total += storage.nbytes()
+                weakref.finalize(storage, self.freed, address).atexit = False
+        self.peak = max(self.peak, self.total)
+        return out
+
+    def freed(self, address: int) -> None:
+        self.total -= self.live.pop(address)
+
+
+def peak_bytes(fn) -> int:
+    """The most bytes of tensors created by `fn()` alive at once (forward intermediates, gradients, outputs)."""
+    with LiveTensorBytes() as mode:
+        fn()
+    return mode.peak
 
 
 # ------------------------------------------------------------------ train step
@@ -142,7 +184,8 @@ def library_style_loop(bank: SwiGLUExperts, h, idx, weights):
 def dispatch_cases(bank, fns: dict, n_tokens: int, k: int, device: torch.device, args) -> dict[str, float]:
     """Median seconds of forward + backward through each of `fns` (name -> fn(h, idx, weights)) on the same
     fixed random routing, timed in turn, in the profile's training precision (`autocast_for`: bf16 on CUDA,
-    where torch's grouped GEMM runs; fp32 on CPU unless it asks for bf16)."""
+    where torch's grouped GEMM runs; fp32 on CPU unless it asks for bf16); and under "peak_bytes", each
+    one's peak memory (`peak_bytes`, measured in a separate, untimed call)."""
     g = torch.Generator().manual_seed(0)
     d = bank.w_down.shape[-1] if isinstance(bank, RankExperts) else bank.w_gate.shape[1]
     h = torch.randn(n_tokens, d, generator=g).to(device).requires_grad_()
@@ -153,7 +196,9 @@ def dispatch_cases(bank, fns: dict, n_tokens: int, k: int, device: torch.device,
         with autocast_for(device, args.precision):
             out = fn(h, routing.idx, routing.weights)
         (out.float() * cotangent).sum().backward()
-    return timed({name: (lambda fn=fn: fwd_bwd(fn)) for name, fn in fns.items()}, device, args.repeats)
+    calls = {name: (lambda fn=fn: fwd_bwd(fn)) for name, fn in fns.items()}
+    seconds = timed(calls, device, args.repeats)
+    return {**seconds, "peak_bytes": {name: peak_bytes(call) for name, call in calls.items()}}
 
 
 def bank_size(bank) -> int:
@@ -173,14 +218,12 @@ def bench_swiglu_dispatch(args, device: torch.device, d: int, d_ff: int, k: int,
 
 
 def bench_rank_dispatch(args, device: torch.device, d: int, k: int, n_tokens: int, sizes) -> dict:
-    """Rank-1 experts: seconds per fwd + bwd, and the bytes of each backend's largest intermediate."""
+    """Rank-1 experts: seconds per fwd + bwd and peak bytes of each backend."""
     results = {}
     for m in sizes:
         bank = RankExperts(m, d, 1, n_layers=8).to(device)
         fns = {backend: getattr(bank, f"forward_{backend}") for backend in ("loop", "gather", "masked")}
         row = dispatch_cases(bank, fns, n_tokens, k, device, args)
-        row["gather_bytes"] = 2 * n_tokens * k * d * 4  # w_down[idx] and w_up[idx]: [N, k, 1, d] each, fp32
-        row["masked_bytes"] = 2 * n_tokens * m * 4  # activations and gate: [N, M] each, at most fp32
         results[m] = row
     return results
 
@@ -293,16 +336,19 @@ def main(argv=None) -> dict:
     m, f = probe.model, probe_ffn.model
     swiglu = bench_swiglu_dispatch(args, device, f.d_model, f.expert_d_ff, f.top_k, n_tokens)
     print(f"\nSwiGLU expert dispatch, fwd+bwd, {n_tokens} tokens, top-{f.top_k}, d_model {f.d_model}, "
-          f"d_ff {f.expert_d_ff} (ms; speed-up over the loop):")
+          f"d_ff {f.expert_d_ff} (ms, speed-up over the loop, peak MiB of the call's tensors):")
     for n_experts, row in swiglu.items():
-        cells = "  ".join(f"{b} {1e3 * row[b]:.2f} ({row['loop'] / row[b]:.2f}x)" for b in ("sorted", "grouped", "masked"))
-        print(f"  E={n_experts:<3} loop {1e3 * row['loop']:.2f}  {cells}  [grouped_mm: {row['grouped_mm']}]")
+        mib = {b: row["peak_bytes"][b] / 2**20 for b in row["peak_bytes"]}
+        cells = "  ".join(f"{b} {1e3 * row[b]:.2f} ({row['loop'] / row[b]:.2f}x, {mib[b]:.1f})"
+                          for b in ("sorted", "grouped", "masked"))
+        print(f"  E={n_experts:<3} loop {1e3 * row['loop']:.2f} ({mib['loop']:.1f})  {cells}  "
+              f"[grouped_mm: {row['grouped_mm']}]")
 
     rank = bench_rank_dispatch(args, device, m.d_model, m.top_k, n_tokens, sorted({m.n_experts, 1024}))
-    print(f"\nrank-1 expert dispatch, fwd+bwd, top-{m.top_k} (ms; largest intermediate in MiB):")
+    print(f"\nrank-1 expert dispatch, fwd+bwd, top-{m.top_k} (ms, peak MiB of the call's tensors):")
     for n_experts, row in rank.items():
-        print(f"  M={n_experts:<5} loop {1e3 * row['loop']:.2f}  gather {1e3 * row['gather']:.2f} "
-              f"({row['gather_bytes'] / 2**20:.1f} MiB)  masked {1e3 * row['masked']:.2f} ({row['masked_bytes'] / 2**20:.1f} MiB)")
+        print(f"  M={n_experts:<5} " + "  ".join(f"{b} {1e3 * row[b]:.2f} ({row['peak_bytes'][b] / 2**20:.1f})"
+                                                  for b in ("loop", "gather", "masked")))
 
     topk = bench_topk(args, device, n_tokens, m.top_k, sorted({m.n_experts, 1024}))
     kernel = {"cuda": "Triton"}.get(device.type, "C++ kernel" if cpu_kernels.available() else "torch.topk fallback")

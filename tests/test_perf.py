@@ -154,6 +154,30 @@ def test_benchmark_harness_reports_every_ratio(capsys):
                 "grouped_dispatch_speedup_e32", "dense_mfu", "topk_speedup", "decision_speedup", "cross_entropy_speedup"):
         assert summary[key] > 0
     assert set(summary["steps"]) >= {"dense_iso_param", "wide", "deep"}
+    for table, backends in (("swiglu_dispatch", {"loop", "sorted", "grouped", "masked"}),
+                            ("rank_dispatch", {"loop", "gather", "masked"})):
+        for row in summary[table].values():  # every backend's measured peak memory
+            assert set(row["peak_bytes"]) == backends and min(row["peak_bytes"].values()) > 0
+
+
+def test_peak_bytes_counts_the_tensors_alive_at_once_backward_included():
+    """The benchmark's memory measure: the most bytes of tensors created by the call alive at one time."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from run import peak_bytes
+
+    def allocate():
+        a = torch.empty(1 << 18)  # 1 MiB of fp32
+        b = torch.empty(1 << 19)  # 2 MiB, while a lives: 3 MiB
+        del a
+        c = torch.empty(1 << 18)  # 3 MiB again, not 4: a's bytes were freed
+        return b, c
+    assert peak_bytes(allocate) == 3 << 20
+    x = torch.randn(256, requires_grad=True)  # 1 KiB
+    forward_only = peak_bytes(lambda: x.exp().sum())
+    with_backward = peak_bytes(lambda: x.exp().sum().backward())  # exp's output lives on for the backward
+    assert forward_only == 1024 + 4 and with_backward >= 2 * 1024
 
 
 def test_rank_crossover_reports_each_case(capsys):
