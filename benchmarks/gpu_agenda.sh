@@ -3,7 +3,7 @@
 # That machine has a CUDA torch but no network and no copy of the bundled corpus, so first, here:
 #   make gpu-carry            # copies the corpus package (17 MB) into .whl/site, which git ignores
 # then one call per part:
-#   run(command="bash benchmarks/gpu_agenda.sh tests", carry=[".whl"])    # tests/test_cuda.py
+#   run(command="bash benchmarks/gpu_agenda.sh tests", carry=[".whl"])    # tests/test_cuda.py, compiled graphs
 #   run(command="bash benchmarks/gpu_agenda.sh bench", carry=[".whl"])    # the paper-scale step benchmark
 #   run(command="bash benchmarks/gpu_agenda.sh train", carry=[".whl"])    # 40 steps of the trainer, Wide
 # Output goes to $OUT (which the device tool brings back), else to benchmarks/results/gpu-<date>/.
@@ -17,7 +17,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/dev
 python -c "import torch; print('torch', torch.__version__)" >> "$out/device.txt" 2>&1
 
 case $part in
-  tests) python -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$out/test_cuda.txt" 2>&1 ;;
+  tests) python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+           tests/test_perf.py::test_every_variant_compiles_to_one_graph > "$out/test_cuda.txt" 2>&1 ;;
   bench) python benchmarks/run.py --profile paper --device cuda --compile --variants dense_iso_param wide deep \
            --set train.micro_batches=fused > "$out/bench_fused_b64.txt" 2>&1 ;;
   train) python -m moe_core train --variant wide --profile paper --corpus wiki-vital --steps 40 \
