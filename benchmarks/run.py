@@ -32,6 +32,7 @@ import itertools
 import json
 import statistics
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -59,48 +60,56 @@ STEP_VARIANTS = ("dense_iso_param", "dense_iso_flop", "wide", "deep", "indep", "
 
 def timed(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
     """Median seconds per call of each of `fns` (name -> function): one warm-up call each, then `repeats`
-    rounds that call every function in turn, so drift of the machine hits all sides of a comparison alike."""
+    rounds that call every function in turn, each round starting one further along, so drift of the machine
+    and what the previous call left in the caches fall on every side of a comparison alike."""
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             sync(device)
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of the tensor storages that operators create while it is on, until each is freed
-    (a finalizer on the storage, whose Python object lives as long as the storage); `peak` is the most at
-    any one time. Outputs that share an input's storage (views, in-place results) are not new. Autograd
-    runs the backward's operators under it too."""
+    """Counts the bytes of the (strided) tensors that operators return while it is on, each storage from the
+    operator that creates it until it is freed (a finalizer on the storage, whose Python object lives as long
+    as the storage); `peak` is the most at any one time. Outputs that share an input's storage (views,
+    in-place and out= results) are not new, so an out= or resize_ that reallocates goes uncounted, as do
+    workspaces inside kernels. Autograd runs the backward's operators under it too."""
 
     def __init__(self):
         super().__init__()
         self.live: dict[int, int] = {}  # storage address -> bytes
         self.total = self.peak = 0
+        self.lock = threading.RLock()  # finalizers may run on autograd's device threads, or inside the lock (gc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if is_strided(t)}
+        for t in filter(is_strided, tree_leaves(out)):
             storage = t.untyped_storage()
             address = storage.data_ptr()
-            if address and address not in inputs and address not in self.live:
-                self.live[address] = storage.nbytes()
-                self.total += storage.nbytes()
-                weakref.finalize(storage, self.freed, address).atexit = False
-        self.peak = max(self.peak, self.total)
+            with self.lock:
+                if address and address not in inputs and address not in self.live:
+                    self.live[address] = storage.nbytes()
+                    self.total += storage.nbytes()
+                    weakref.finalize(storage, self.freed, address).atexit = False
+                self.peak = max(self.peak, self.total)
         return out
 
     def freed(self, address: int) -> None:
-        self.total -= self.live.pop(address)
+        with self.lock:
+            self.total -= self.live.pop(address, 0)
+
+
+def is_strided(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.layout == torch.strided
 
 
 def peak_bytes(fn) -> int:
@@ -181,7 +190,7 @@ def library_style_loop(bank: SwiGLUExperts, h, idx, weights):
     return out
 
 
-def dispatch_cases(bank, fns: dict, n_tokens: int, k: int, device: torch.device, args) -> dict[str, float]:
+def dispatch_cases(bank, fns: dict, n_tokens: int, k: int, device: torch.device, args) -> dict:
     """Median seconds of forward + backward through each of `fns` (name -> fn(h, idx, weights)) on the same
     fixed random routing, timed in turn, in the profile's training precision (`autocast_for`: bf16 on CUDA,
     where torch's grouped GEMM runs; fp32 on CPU unless it asks for bf16); and under "peak_bytes", each

@@ -52,16 +52,16 @@ def loop_over_experts(h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
 
 
 def take_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """table[ids] for integer ids of any shape: [*ids.shape, *table.shape[1:]].
+    """table[ids] for non-negative int64 (or int32) ids of any shape: [*ids.shape, *table.shape[1:]].
 
     On CPU by index_select, whose backward (index_add) adds the rows of a repeated id in order: the same
-    bits on any thread count, advanced indexing's on one, and forward and backward together 2.6x faster
-    than advanced indexing (index_put with accumulation) at 4,096 x 64 (benchmarks/RESULTS.md). Elsewhere
+    bits on any thread count, advanced indexing's on one, and forward and backward together 2.7x faster
+    than advanced indexing (index_put with accumulation) for 4,096 rows of 64 (benchmarks/RESULTS.md). Elsewhere
     by advanced indexing, whose CUDA backward sorts where index_add would add atomically, in no fixed order.
     """
     if table.device.type != "cpu":
         return table[ids]
-    return table.index_select(0, ids.reshape(-1)).view(*ids.shape, *table.shape[1:])
+    return table.index_select(0, ids.reshape(-1)).view(ids.shape + table.shape[1:])
 
 
 def dense_gate(idx: torch.Tensor, weights: torch.Tensor, n_experts: int, dtype: torch.dtype) -> torch.Tensor:
@@ -109,7 +109,7 @@ class RankExperts(nn.Module):
     def auto_backend(device: torch.device, n_experts: int, k: int) -> str:
         """The faster backend as measured (benchmarks/RESULTS.md): `masked` on GPUs (on an H100 at M = 1024
         gathered rows ran as small batched matmuls, 46% of Deep's step); on CPU `masked` while M <= 64 k,
-        `gather` above. benchmarks/rank_crossover.py (k = 1, 4, 12; M = 16-1,024) found that the faster
+        `gather` above. With benchmarks/rank_crossover.py (k = 1, 4, 12; M = 16-1,024) it picked the faster
         one in 26 of 27 cases at d_model 64; at d_model 1,024, in 16 of 21: there `gather` already wins at
         about M > 32 k (by up to 1.7x at k = 12, M = 768); only the small and paper profiles, GPU ones,
         are that wide."""

@@ -102,14 +102,15 @@ def test_rank1_expert_is_one_read_and_one_write_direction():
 
 
 @pytest.mark.parametrize("table_shape,ids_shape", [((50,), (200,)), ((16, 7), (4096,)), ((64, 1, 24), (300, 12)),
-                                                     ((9, 3, 8), (20, 2))])
+                                                     ((9, 3, 8), (20, 2)), ((1024, 64), (4096,)), ((5,), ())])
 def test_take_rows_is_advanced_indexing_with_a_thread_independent_backward(table_shape, ids_shape):
     """Forward: table[ids] exactly. Backward (ids repeat, so rows are summed): the bits of advanced indexing's
-    on one thread, and the same bits on two threads, where advanced indexing's own can differ."""
+    on one thread, and the same bits on two threads, where advanced indexing's own differ at the larger
+    shapes here ((64, 1, 24) by (300, 12) and the grouped path's (1,024, 64) by 4,096)."""
     g = torch.Generator().manual_seed(sum(table_shape) + sum(ids_shape))
     table = torch.randn(table_shape, generator=g, requires_grad=True)
     ids = torch.randint(0, table_shape[0], ids_shape, generator=g)
-    cotangent = torch.randn(*ids_shape, *table_shape[1:], generator=g)
+    cotangent = torch.randn(ids_shape + table_shape[1:], generator=g)
     threads, grads = torch.get_num_threads(), []
     try:
         for n in (1, 2):
