@@ -329,7 +329,7 @@ def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     (one op), `scatter_counts` elsewhere (CUDA's bincount reads the largest index back to size its
     output; torch.compile breaks the graph at bincount, whose output shape depends on the data)."""
     flat = idx.reshape(-1)
-    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+    if cpu_kernels.eager_cpu(flat):
         return torch.bincount(flat, minlength=n_experts)
     return scatter_counts(flat, n_experts)
 
