@@ -3,7 +3,7 @@
     python benchmarks/run.py --profile smoke            # CPU, about a minute
     python benchmarks/run.py --profile paper --device cuda --compile
 
-1. Train step (forward + backward + clip + AdamW) of MoE variants and the dense baselines on
+1. Train step (the batch's copy to the device, forward + backward + clip + AdamW) of MoE variants and the dense baselines on
    random tokens at the profile's step shape (one micro-batch, or all accum_steps of them as one
    batch where the profile sets train.micro_batches=fused, as paper does; `--set` overrides any
    config key of every variant); rounds interleave the variants, ms/step is the median round
@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from moe_core.__main__ import overrides_from, setting  # noqa: E402
 from moe_core.config import ConfigError  # noqa: E402
+from moe_core.data import to_device  # noqa: E402
 from moe_core.evaluate import autocast_for, matmul_dtype, resolve_device  # noqa: E402
 from moe_core.experts import RankExperts, SwiGLUExperts, grouped_mm_supported  # noqa: E402
 from moe_core.model import MoETransformer, token_cross_entropy  # noqa: E402
@@ -137,14 +138,14 @@ class StepBench:
         self.groups = t.accum_steps if t.micro_batches == "fused" else 1
         rows = (batch_size or t.batch_size) * self.groups
         tokens = torch.randint(0, self.cfg.model.vocab_size, (rows, t.seq_len + 1), generator=torch.Generator().manual_seed(0))
-        self.x, self.y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        self.x, self.y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # on the host, as the trainer's
         self.device, self.precision, self.grad_clip = device, t.precision, t.grad_clip
         self.tokens = rows * t.seq_len
         self.flops_per_token = train_flops_per_token(self.cfg.model, t.seq_len)
 
     def step(self) -> None:
         with autocast_for(self.device, self.precision):
-            loss, _ = self.loss_fn(self.x, self.y, self.groups)
+            loss, _ = self.loss_fn(to_device(self.x, self.device), to_device(self.y, self.device), self.groups)
         loss.backward()
         optimizer_step(self.model, self.optimizer, self.grad_clip)
 

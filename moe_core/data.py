@@ -328,6 +328,16 @@ class TrainStream:
         return _xy(torch.stack(rows))  # far faster than fancy-indexing the unfolded view
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`, queued behind the work already there without waiting for it. For an
+    asynchronous copy from pageable memory the CUDA driver may first synchronise with the stream (CUDA
+    runtime API, "API synchronization behavior"), leaving the host idle until the previous step ends. From
+    pinned memory the copy is queued like a kernel; torch's pinned-memory cache keeps the buffer until it is done."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def count_val_batches(tokens: torch.Tensor, seq_len: int, batch_size: int) -> int:
     """How many full [batch_size, seq_len] batches val_batches can cut from `tokens`."""
     if batch_size < 1:

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import cpu_kernels, store
 from .config import ConfigError, RunConfig, TrainConfig, validate
-from .data import TrainStream, count_val_batches, prepare_data, val_batches
+from .data import TrainStream, count_val_batches, prepare_data, to_device, val_batches
 from .evaluate import autocast_for, evaluate, matmul_dtype, resolve_device, routing_telemetry
 from .model import MoETransformer
 from .params import count_parameters
@@ -411,8 +411,7 @@ class Trainer:
         for i, (x, y) in enumerate(shares):
             with self.no_sync(i < len(shares) - 1):
                 with autocast_for(self.device, t.precision):
-                    loss, stats = self.step_fn(x.to(self.device, non_blocking=True),
-                                               y.to(self.device, non_blocking=True), groups)
+                    loss, stats = self.step_fn(to_device(x, self.device), to_device(y, self.device), groups)
                 (loss / len(shares)).backward()
             sums += stats
         grad_norm = optimizer_step(self.model, self.optimizer, t.grad_clip)

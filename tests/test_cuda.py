@@ -1,11 +1,12 @@
-"""The CUDA path: bf16 autocast training with compile, the Triton top-k at the paper's shape and compiled, the
-benchmark. Skipped without a GPU. The bf16 dispatch parity tests (tests/test_experts.py) and the Triton top-k's
+"""The CUDA path: bf16 autocast training with compile, training steps that never wait for the GPU, the Triton
+top-k at the paper's shape and compiled, the benchmark. Skipped without a GPU. The bf16 dispatch parity tests (tests/test_experts.py) and the Triton top-k's
 contract (tests/oracles.py, tests/test_kernels.py: ties, NaN, -inf) run on CPU and CUDA alike."""
 import pytest
 import torch
 
+from moe_core.data import to_device
 from moe_core.routing import top_k_indices
-from moe_core.train import train
+from moe_core.train import Trainer, train
 from moe_core.variants import resolve
 from oracles import reference_top_k
 
@@ -26,6 +27,37 @@ def test_tiny_runs_train_in_bf16_with_compile(variant, tmp_path, shared_cache):
     assert result["device"].startswith("cuda") and reference["device"] == "cpu"
     assert reference["val_loss"] < 6.15, reference["val_loss"]  # it learned (measured: 6.05-6.07)
     assert abs(result["val_loss"] - reference["val_loss"]) < 0.05, (result["val_loss"], reference["val_loss"])
+
+
+def test_a_host_batch_reaches_the_gpu_without_waiting_for_queued_work():
+    """`to_device` queues the copy behind a kernel that is still running instead of waiting for it (a copy from
+    pageable memory would wait), so the trainer's host prepares the next step while the GPU runs this one."""
+    batch, cuda = torch.randint(0, 32000, (64, 512)), torch.device("cuda")
+    to_device(batch, cuda)  # a first pinned buffer comes from the driver; later ones from torch's cache
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # a kernel of a billion GPU clock cycles: about half a second
+    moved = to_device(batch, cuda)
+    assert not torch.cuda.current_stream().query(), "the copy waited for the kernel queued before it"
+    assert torch.equal(moved.cpu(), batch)
+
+
+@pytest.mark.parametrize("variant,compile", [("wide", "auto"), ("wide", "off"), ("deep", "off"), ("indep", "off"),
+                                             ("hash", "off")])
+def test_training_steps_never_wait_for_the_gpu(variant, compile, tmp_path, shared_cache):
+    """A trainer step, compiled (the CUDA default) or eager, never reads a value back from the GPU: torch's sync
+    debug mode turns such reads (`.item()`, a blocking copy, a data-dependent shape) into errors. Two
+    micro-batches fused, as the paper profile runs them; the first step (compilation, AdamW's state) is left out.
+    Eager covers every operator the step runs; one compiled variant suffices beside the one-graph test."""
+    train_cfg = {**FAST["train"], "compile": compile, "accum_steps": 2, "micro_batches": "fused"}
+    trainer = Trainer(resolve(variant, "tiny", overrides={"train": train_cfg}), tmp_path, shared_cache, progress=False)
+    trainer.train_step(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = [trainer.train_step(step) for step in (1, 2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(s["loss"]) and torch.isfinite(s["grad_norm"]) for s in stats)
 
 
 @pytest.mark.parametrize("rows,cols,k", [(32768, 1024, 12), (4096, 1024, 4), (1000, 64, 12), (77, 1000, 12),
