@@ -1,6 +1,7 @@
 """The CUDA path: bf16 autocast training with compile, training steps that never wait for the GPU, the Triton
-top-k at the paper's shape and compiled, the benchmark. Skipped without a GPU. The bf16 dispatch parity tests (tests/test_experts.py) and the Triton top-k's
-contract (tests/oracles.py, tests/test_kernels.py: ties, NaN, -inf) run on CPU and CUDA alike."""
+top-k at the paper's shape and compiled, the benchmark. Skipped without a GPU. The bf16 dispatch parity tests
+(tests/test_experts.py) and the Triton top-k's contract (tests/oracles.py, tests/test_kernels.py: ties, NaN,
+-inf) run on CPU and CUDA alike."""
 import pytest
 import torch
 
@@ -30,8 +31,8 @@ def test_tiny_runs_train_in_bf16_with_compile(variant, tmp_path, shared_cache):
 
 
 def test_a_host_batch_reaches_the_gpu_without_waiting_for_queued_work():
-    """`to_device` queues the copy behind a kernel that is still running instead of waiting for it (a copy from
-    pageable memory would wait), so the trainer's host prepares the next step while the GPU runs this one."""
+    """`to_device` queues the copy behind a kernel that is still running instead of waiting for it (from pageable
+    memory the driver may wait), so the trainer's host prepares the next step while the GPU runs this one."""
     batch, cuda = torch.randint(0, 32000, (64, 512)), torch.device("cuda")
     to_device(batch, cuda)  # a first pinned buffer comes from the driver; later ones from torch's cache
     torch.cuda.synchronize()
