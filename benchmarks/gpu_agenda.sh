@@ -6,7 +6,8 @@
 # and a session's device time may be as little as 15 minutes, machine start included, so the targets first):
 #   run(command="bash benchmarks/gpu_agenda.sh bench train", carry=[".whl"])  # the targets: step benchmark, trainer
 #   run(command="bash benchmarks/gpu_agenda.sh tests", carry=[".whl"])        # tests/test_cuda.py, compiled graphs
-# bench: the paper-scale step benchmark; train: 40 steps of the trainer, Wide; tests: the CUDA tests.
+# bench: the paper-scale step benchmark; train: 40 steps of the trainer, Wide; tests: whether a pageable copy
+# waits there (benchmarks/copy_waits.py), then the CUDA tests.
 # Output goes to $OUT (which the device tool brings back), else to benchmarks/results/gpu-<date>/.
 set -u
 [ $# -gt 0 ] || { echo "name one or more parts: bench, train, tests" >&2; exit 2; }
@@ -23,7 +24,8 @@ status=0
 for part in "$@"; do
   start=$SECONDS
   case $part in
-    tests) python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests) python benchmarks/copy_waits.py > "$out/copy_waits.txt" 2>&1
+           python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
              tests/test_perf.py::test_every_variant_compiles_to_one_graph > "$out/test_cuda.txt" 2>&1 ;;
     bench) python benchmarks/run.py --profile paper --device cuda --compile --variants dense_iso_param wide deep \
              --set train.micro_batches=fused > "$out/bench_fused_b64.txt" 2>&1 ;;

@@ -332,10 +332,12 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host batch on `device`, queued behind the work already there without waiting for it. For an
     asynchronous copy from pageable memory the CUDA driver may first synchronise with the stream (CUDA
     runtime API, "API synchronization behavior"), leaving the host idle until the previous step ends. From
-    pinned memory the copy is queued like a kernel; torch's pinned-memory cache keeps the buffer until it is done."""
+    dense pinned memory the copy is queued like a kernel (a strided source would go through a pageable
+    temporary), and torch's pinned-memory cache keeps the buffer until the copy is done."""
     if device.type != "cuda":
         return batch.to(device)
-    return batch.pin_memory().to(device, non_blocking=True)
+    pinned = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=True).copy_(batch)
+    return pinned.to(device, non_blocking=True)
 
 
 def count_val_batches(tokens: torch.Tensor, seq_len: int, batch_size: int) -> int:

@@ -83,12 +83,14 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device)
                              fused=device.type in ("cuda", "cpu"))
 
 
-def auxiliary_loss(events: list[HopEvent], cfg: RunConfig, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(balance loss, z-loss) over the routing events that have probabilities; the balance loss is
-    taken per micro-batch when the batch holds `groups` of them."""
+def auxiliary_loss(events: list[HopEvent], cfg: RunConfig, device: torch.device,
+                   groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(balance loss, z-loss) on `device` over the routing events that have probabilities; the balance loss
+    is taken per micro-batch when the batch holds `groups` of them. A term that is off is a zero made on
+    `device`: one made on the host and copied over would make every eager GPU step wait for the GPU."""
     t, n_experts = cfg.train, cfg.model.n_experts
     scored = [e for e in events if e.routing.probs is not None]
-    zero = torch.zeros(())
+    zero = torch.zeros((), device=device)
     if not scored:
         return zero, zero
     if t.balance_events == "per_layer":
@@ -129,7 +131,7 @@ class Objective(torch.nn.Module):
         """`groups`: how many equal micro-batches x stacks (train.micro_batches = fused)."""
         t = self.cfg.train
         out = self.model(x, y)
-        balance, z = (v.to(out.loss.device) for v in auxiliary_loss(out.events, self.cfg, groups))
+        balance, z = auxiliary_loss(out.events, self.cfg, out.loss.device, groups)
         loss = out.loss + t.balance_coef * balance + t.z_loss_coef * z
         return loss, torch.stack((out.loss, balance)).detach()
 

@@ -45,19 +45,23 @@ def test_a_host_batch_reaches_the_gpu_without_waiting_for_queued_work():
 @pytest.mark.parametrize("variant,compile", [("wide", "auto"), ("wide", "off"), ("deep", "off"), ("indep", "off"),
                                              ("hash", "off")])
 def test_training_steps_never_wait_for_the_gpu(variant, compile, tmp_path, shared_cache):
-    """A trainer step, compiled (the CUDA default) or eager, never reads a value back from the GPU: torch's sync
-    debug mode turns such reads (`.item()`, a blocking copy, a data-dependent shape) into errors. Two
-    micro-batches fused, as the paper profile runs them; the first step (compilation, AdamW's state) is left out.
-    Eager covers every operator the step runs; one compiled variant suffices beside the one-graph test."""
-    train_cfg = {**FAST["train"], "compile": compile, "accum_steps": 2, "micro_batches": "fused"}
-    trainer = Trainer(resolve(variant, "tiny", overrides={"train": train_cfg}), tmp_path, shared_cache, progress=False)
+    """A trainer step, compiled (the CUDA default) or eager, runs none of the synchronising operations torch's
+    sync debug mode detects (`.item()`, blocking copies either way, data-dependent shapes): it turns them into
+    errors. It does not see a copy from pageable memory that the driver stages (the test above covers the
+    batch's). Dropout on and two micro-batches fused, as the paper profile runs them; the first step
+    (compilation, AdamW's state) is left out. Eager runs each operator on its own, where a compiled graph
+    might hide one; tests/test_perf.py checks that every variant compiles to one graph."""
+    overrides = {"model": {"dropout": 0.1},
+                 "train": {**FAST["train"], "compile": compile, "accum_steps": 2, "micro_batches": "fused"}}
+    trainer = Trainer(resolve(variant, "tiny", overrides=overrides), tmp_path, shared_cache, progress=False)
     trainer.train_step(0)
     torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         stats = [trainer.train_step(step) for step in (1, 2)]
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.set_sync_debug_mode(before)
     assert all(torch.isfinite(s["loss"]) and torch.isfinite(s["grad_norm"]) for s in stats)
 
 

@@ -3,6 +3,8 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from moe_core.config import ConfigError
 from moe_core.experiments import RunSpec, grid_workers, run_grid
@@ -107,6 +109,41 @@ def test_every_variant_compiles_to_one_graph(variant):
         assert (len(forward), len(backward)) == (1, 1), device
         assert torch.isfinite(loss) and stats.shape == (2,)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.model.parameters())
+
+
+class MetaTensorOps(TorchDispatchMode):
+    """Records every operator that takes or makes a tensor on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(x, torch.Tensor) and x.is_meta for x in tree_leaves((args, kwargs, out))):
+            self.ops.add(str(func))
+        return out
+
+
+def test_every_variant_makes_its_tensors_on_its_inputs_device():
+    """A tensor the training objective makes without naming a device lands on the host; on a GPU it must then be
+    copied over, and a blocking copy to the GPU waits for all the work queued there. (A zero of the auxiliary
+    loss did so in every eager CUDA step before this test.) Here the objective runs on CPU tensors with meta as
+    the default device, so such a tensor would be a meta tensor, which the dispatch mode sees."""
+    for variant in variants():
+        cfg = resolve(variant, "tiny", overrides={"train": {"accum_steps": 2, "micro_batches": "fused"}})
+        torch.manual_seed(0)
+        objective = Objective(MoETransformer(cfg.model), cfg)
+        x = torch.randint(0, cfg.model.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+        meta_ops = MetaTensorOps()
+        with torch.device("meta"), meta_ops:
+            try:
+                loss, stats = objective(x, x, 2)
+                loss.backward()
+            except (NotImplementedError, RuntimeError) as error:  # a meta tensor met the host's
+                pytest.fail(f"{variant}: tensors made on the default device, in {sorted(meta_ops.ops)}: {error}")
+        assert not meta_ops.ops, (variant, sorted(meta_ops.ops))
+        assert torch.isfinite(loss) and stats.device.type == "cpu"
 
 
 def test_compile_defaults_to_cuda_only():

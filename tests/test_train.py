@@ -268,7 +268,7 @@ def test_balance_loss_options_pool_and_reduce_the_routing_events_as_named():
         for reduce in ("mean", "sum"):
             cfg = resolve("asymmetric", "tiny", overrides={"train": {"balance_events": pooling, "balance_reduce": reduce}})
             with torch.no_grad():
-                got[pooling, reduce] = auxiliary_loss(events, cfg)[0].item()
+                got[pooling, reduce] = auxiliary_loss(events, cfg, torch.device("cpu"))[0].item()
             assert got[pooling, reduce] == pytest.approx((terms.mean() if reduce == "mean" else terms.sum()).item(), rel=1e-6)
     assert len(per_hop) > len(per_layer) > 1 and len(set(got.values())) == 4
 
