@@ -11,7 +11,7 @@ from moe_core.experiments import RunSpec, grid_workers, run_grid
 from moe_core.model import MoETransformer
 from moe_core import perf
 from moe_core.perf import matmul_peak_flops, train_flops_per_token
-from moe_core.train import Objective, cpu_threads, use_compile
+from moe_core.train import Objective, cpu_threads, make_optimizer, optimizer_step, use_compile
 from moe_core.variants import resolve, variants
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,20 +126,23 @@ class MetaTensorOps(TorchDispatchMode):
 
 
 def test_every_variant_makes_its_tensors_on_its_inputs_device():
-    """A tensor the training objective makes without naming a device lands on the host; on a GPU it must then be
+    """A tensor the training step makes without naming a device lands on the host; on a GPU it must then be
     copied over, and a blocking copy to the GPU waits for all the work queued there. (A zero of the auxiliary
-    loss did so in every eager CUDA step before this test.) Here the objective runs on CPU tensors with meta as
-    the default device, so such a tensor would be a meta tensor, which the dispatch mode sees."""
+    loss did so in every eager CUDA step before this test.) Here the step (objective, backward, clipping,
+    AdamW) runs on CPU tensors with meta as the default device, so such a tensor would be a meta tensor, which
+    the dispatch mode sees."""
     for variant in variants():
         cfg = resolve(variant, "tiny", overrides={"train": {"accum_steps": 2, "micro_batches": "fused"}})
         torch.manual_seed(0)
         objective = Objective(MoETransformer(cfg.model), cfg)
+        optimizer = make_optimizer(objective.model, cfg.train, torch.device("cpu"))
         x = torch.randint(0, cfg.model.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
         meta_ops = MetaTensorOps()
         with torch.device("meta"), meta_ops:
             try:
                 loss, stats = objective(x, x, 2)
                 loss.backward()
+                optimizer_step(objective.model, optimizer, cfg.train.grad_clip)
             except (NotImplementedError, RuntimeError) as error:  # a meta tensor met the host's
                 pytest.fail(f"{variant}: tensors made on the default device, in {sorted(meta_ops.ops)}: {error}")
         assert not meta_ops.ops, (variant, sorted(meta_ops.ops))
