@@ -6,9 +6,9 @@
 1. Train step (the batch's copy to the device, forward + backward + clip + AdamW) of MoE variants and
    the dense baselines on random tokens at the profile's step shape (one micro-batch, or all
    accum_steps of them as one batch where the profile sets train.micro_batches=fused, as paper does;
-   `--set` overrides any config key of every variant); rounds interleave the variants, ms/step is the median round
-   and a ratio to dense is the median of the rounds' ratios to the dense round timed beside them,
-   so drift of the machine hits both sides of a ratio alike. Reports ms/step, tokens/s,
+   `--set` overrides any config key of every variant); rounds interleave the variants, ms/step is
+   the median round and a ratio to dense is the median of the rounds' ratios to the dense round
+   timed beside them, so drift of the machine hits both sides of a ratio alike. Reports ms/step, tokens/s,
    model FLOPs per token and MFU against a matmul peak measured here, in the training dtype.
 2. FFN-expert dispatch (SwiGLU experts, fwd + bwd) of every backend against a per-expert loop
    written the way common MoE libraries' eager paths are (mask per expert, index, matmul,
