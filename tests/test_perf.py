@@ -78,6 +78,15 @@ def test_compiled_objective_matches_eager(variant):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def tiny_objective(variant: str, device: str = "cpu", overrides: dict | None = None):
+    """The `tiny` configuration of `variant`, its training objective (weights of seed 0) and 4 x 16 token ids."""
+    cfg = resolve(variant, "tiny", overrides=overrides or {})
+    torch.manual_seed(0)
+    objective = Objective(MoETransformer(cfg.model).to(device), cfg)
+    x = torch.randint(0, cfg.model.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    return cfg, objective, x
+
+
 @pytest.mark.parametrize("variant", list(variants()))
 def test_every_variant_compiles_to_one_graph(variant):
     """torch.compile (the CUDA default) traces the whole training objective, fused micro-batches and bf16
@@ -94,11 +103,8 @@ def test_every_variant_compiles_to_one_graph(variant):
             graphs.append(graph_module)
             return make_boxed_func(graph_module.forward)
         return compiler
-    cfg = resolve(variant, "tiny")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        torch.manual_seed(0)
-        objective = Objective(MoETransformer(cfg.model).to(device), cfg)
-        x = torch.randint(0, cfg.model.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0)).to(device)
+        _, objective, x = tiny_objective(variant, device)
         forward, backward = [], []
         torch._dynamo.reset()
         backend = aot_autograd(fw_compiler=counting(forward), bw_compiler=counting(backward))
@@ -132,11 +138,8 @@ def test_every_variant_makes_its_tensors_on_its_inputs_device():
     AdamW) runs on CPU tensors with meta as the default device, so such a tensor would be a meta tensor, which
     the dispatch mode sees."""
     for variant in variants():
-        cfg = resolve(variant, "tiny", overrides={"train": {"accum_steps": 2, "micro_batches": "fused"}})
-        torch.manual_seed(0)
-        objective = Objective(MoETransformer(cfg.model), cfg)
+        cfg, objective, x = tiny_objective(variant, overrides={"train": {"accum_steps": 2, "micro_batches": "fused"}})
         optimizer = make_optimizer(objective.model, cfg.train, torch.device("cpu"))
-        x = torch.randint(0, cfg.model.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
         meta_ops = MetaTensorOps()
         with torch.device("meta"), meta_ops:
             try:
@@ -193,9 +196,6 @@ def test_parallel_grid_equals_serial_grid(tmp_path, shared_cache, monkeypatch):
 
 def test_benchmark_harness_reports_every_ratio(capsys):
     """benchmarks/run.py runs end to end (here at the tiny profile) and ends with the JSON line."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from run import main
     main(["--profile", "tiny", "--device", "cpu", "--steps", "1", "--rounds", "1", "--warmup", "1", "--repeats", "1"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -218,9 +218,6 @@ def test_benchmark_harness_reports_every_ratio(capsys):
 
 def test_peak_bytes_counts_the_tensors_alive_at_once_backward_included():
     """The benchmark's memory measure: the most bytes of tensors created by the call alive at one time."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from run import peak_bytes
 
     def allocate():
@@ -239,9 +236,6 @@ def test_peak_bytes_counts_the_tensors_alive_at_once_backward_included():
 
 def test_rank_crossover_reports_each_case(capsys):
     """benchmarks/rank_crossover.py times both rank-1 backends per (k, M) and says which one auto picks."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from rank_crossover import main
     threads = torch.get_num_threads()
     main(["--d-model", "8", "--tokens", "16", "--top-k", "1", "4", "--experts", "2", "8", "128", "--repeats", "1",
@@ -259,9 +253,6 @@ def test_rank_crossover_reports_each_case(capsys):
     (["--set", "train.lr=-1"], "train.lr"),
 ])
 def test_benchmark_rejects_bad_input_before_timing(argv, message, capsys):
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from run import main
     with pytest.raises(SystemExit) as stop:
         main(["--device", "cpu", *argv])
